@@ -1,6 +1,5 @@
 """Spectral Momentum Integration (SMI): frequency-domain gradient filtering for optax."""
 
-from smi_optax._src.selection import SAMPLE_SIZE
 from smi_optax._src.smi import AdaptiveBlend
 from smi_optax._src.smi import DEFAULT_MIN_SIZE
 from smi_optax._src.smi import SMIState
@@ -14,7 +13,6 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaptiveBlend",
     "DEFAULT_MIN_SIZE",
-    "SAMPLE_SIZE",
     "SMIState",
     "SpectralView",
     "adaptive_blend",

@@ -4,18 +4,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-Selection = Literal["sample", "exact"]
+Selection = Literal["histogram", "exact"]
 
-# Coefficients drawn for the sampled threshold. Leaves with at most this many
-# coefficients are handled exactly, because the sample is then the whole leaf.
-SAMPLE_SIZE = 4096
-
-# Rounds of the count-and-correct step after the sampled estimate. One round
-# brings the kept fraction within about 0.002 of the target on Gaussian and
-# heavy-tailed magnitudes; the second is a margin for adversarial shapes.
-_CORRECTION_ROUNDS = 2
+# Mantissa bits that, with the 8 exponent bits, name a histogram bucket: 2**13
+# buckets, each spanning a factor of 1 + 2**-5 (about 3%) in value.
+_MANTISSA_BITS = 5
+_BUCKET_SHIFT = 23 - _MANTISSA_BITS
+_NUM_BUCKETS = 1 << (31 - _BUCKET_SHIFT)
+_INFINITY_BITS = 0x7F800000
 
 
 def _kept_count(keep_fraction: jax.Array, n: int) -> jax.Array:
@@ -32,50 +29,49 @@ def _kth_largest(sorted_ascending: jax.Array, k: jax.Array) -> jax.Array:
 def exact_threshold(ema: jax.Array, keep_fraction: jax.Array) -> jax.Array:
   """Returns the k-th largest value of `ema`, k = round(keep_fraction * size).
 
-  Sorts every coefficient, so it costs O(n log n) comparisons per step.
+  Sorts every coefficient, so it costs O(n log n) comparisons per step. The
+  sort runs on the int32 bit patterns, which order non-negative floats as
+  their values do and sort several times faster on XLA's CPU backend.
   """
-  flat = ema.reshape(-1)
+  flat = ema.reshape(-1).astype(jnp.float32)
   k = _kept_count(keep_fraction, flat.shape[0])
-  return _kth_largest(jnp.sort(flat), k)
+  kth_bits = _kth_largest(jnp.sort(_float32_bits(flat)), k)
+  return jax.lax.bitcast_convert_type(kth_bits, jnp.float32)
 
 
-def _sample_indices(n: int, sample_size: int) -> np.ndarray:
-  # Fixed at trace time: a uniform draw without replacement from a seeded
-  # generator, so the same leaf shape always uses the same sample. A strided
-  # sample would alias with the row structure of a 2-D spectrum.
-  rng = np.random.default_rng(n)
-  return np.sort(rng.choice(n, size=sample_size, replace=False)).astype(np.int32)
+def _float32_bits(x: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
 
 
-def sampled_threshold(
-    ema: jax.Array,
-    keep_fraction: jax.Array,
-    sample_size: int = SAMPLE_SIZE,
-) -> jax.Array:
-  """Returns a threshold that keeps about `keep_fraction` of `ema`.
+def histogram_threshold(ema: jax.Array, keep_fraction: jax.Array) -> jax.Array:
+  """Returns a threshold that keeps about `keep_fraction` of `ema`, without sorting.
 
-  The estimate is the matching quantile of a fixed random sample of
-  `sample_size` coefficients. Each correction round then counts the
-  coefficients the estimate actually keeps over the whole leaf (one fused
-  pass) and moves the rank in the sorted sample by the observed error, which
-  treats the sample's empirical distribution as a local model of the leaf's.
-
-  Leaves with at most `sample_size` coefficients get the exact threshold.
+  A non-negative float32's bit pattern, read as an int32, grows with its
+  value, so its top bits (exponent and the first `_MANTISSA_BITS` mantissa
+  bits) name a bucket of relative width 2**-_MANTISSA_BITS. One scatter pass
+  counts the coefficients per bucket, a suffix sum over the buckets finds the
+  bucket holding the k-th largest value, and the threshold is interpolated
+  linearly (in bit space) inside that bucket by the share of it still to
+  keep. The kept count is then off by at most a part of one bucket's count.
+  The threshold is capped at the leaf's maximum, so at least one coefficient
+  is kept.
   """
-  flat = ema.reshape(-1)
+  flat = ema.reshape(-1).astype(jnp.float32)
   n = flat.shape[0]
-  if n <= sample_size:
-    return exact_threshold(flat, keep_fraction)
+  k = _kept_count(keep_fraction, n)
 
-  sample = jnp.sort(flat[_sample_indices(n, sample_size)])
-  target = jnp.asarray(keep_fraction, jnp.float32)
-  level = target
-  threshold = _kth_largest(sample, _kept_count(level, sample_size))
-  for _ in range(_CORRECTION_ROUNDS):
-    kept = jnp.mean((flat >= threshold).astype(jnp.float32))
-    level = jnp.clip(level + (target - kept), 0.0, 1.0)
-    threshold = _kth_largest(sample, _kept_count(level, sample_size))
-  return threshold
+  # NaN and Inf land in the last bucket. Their update is discarded anyway.
+  buckets = jnp.clip(jnp.right_shift(_float32_bits(flat), _BUCKET_SHIFT), 0, _NUM_BUCKETS - 1)
+  counts = jnp.zeros((_NUM_BUCKETS,), jnp.int32).at[buckets].add(1)
+  at_or_above = jnp.cumsum(counts[::-1])[::-1]  # count in this bucket or higher
+
+  bucket = jnp.sum(at_or_above >= k) - 1  # holds the k-th largest value
+  above = at_or_above[bucket] - counts[bucket]
+  share_to_keep = (k - above).astype(jnp.float32) / jnp.maximum(counts[bucket], 1)
+  threshold_bits = (bucket.astype(jnp.float32) + 1.0 - share_to_keep) * float(1 << _BUCKET_SHIFT)
+  threshold_bits = jnp.minimum(threshold_bits, float(_INFINITY_BITS)).astype(jnp.int32)
+  threshold = jax.lax.bitcast_convert_type(threshold_bits, jnp.float32)
+  return jnp.minimum(threshold, jnp.max(flat))
 
 
 def select_threshold(
@@ -84,4 +80,4 @@ def select_threshold(
   """Returns the threshold of `ema` for `keep_fraction` by `selection`."""
   if selection == "exact":
     return exact_threshold(ema, keep_fraction)
-  return sampled_threshold(ema, keep_fraction)
+  return histogram_threshold(ema, keep_fraction)
