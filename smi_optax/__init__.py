@@ -6,6 +6,7 @@ from smi_optax._src.smi import SMIState
 from smi_optax._src.smi import adaptive_blend
 from smi_optax._src.smi import smi
 from smi_optax._src.smi import smi_adamw
+from smi_optax._src.stats import stats
 from smi_optax._src.views import SpectralView
 
 __version__ = "0.1.0"
@@ -18,4 +19,5 @@ __all__ = (
     "adaptive_blend",
     "smi",
     "smi_adamw",
+    "stats",
 )

@@ -68,12 +68,15 @@ class SMIState(NamedTuple):
     kept_energy: per leaf, a float32 scalar: the share of spectral energy the
       mask kept at the last finite step.
     blend: per leaf, a float32 scalar: the blend ``alpha`` of the last step.
+    threshold: per leaf, a float32 scalar: the mask threshold of the last
+      finite step, reused between recomputations when ``mask_every > 1``.
   """
 
   count: chex.Array
   spectral_ema: Any
   kept_energy: Any
   blend: Any
+  threshold: Any
 
 
 def _is_tracer(value: Any) -> bool:
@@ -102,19 +105,26 @@ def _check_range(
     raise ValueError(f"{name} must be in {interval}, got {name}={value!r}.")
 
 
-def _resolve_min_size(min_size: Any) -> int:
-  if min_size is None:
-    return DEFAULT_MIN_SIZE
-  if _is_tracer(min_size):
+def _resolve_static_int(name: str, value: Any, default: int) -> int:
+  """Returns `value` as a Python int of at least 1, or `default` for None.
+
+  Raises:
+    ValueError: if `value` is traced, not an integer, or below 1.
+  """
+  if value is None:
+    return default
+  if _is_tracer(value):
     raise ValueError(
-        "min_size must be a concrete integer when init runs, got a traced"
-        " value. With optax.inject_hyperparams, pass"
-        " static_args=('min_size',)."
+        f"{name} must be a concrete integer, got a traced value. With"
+        f" optax.inject_hyperparams, leave {name} unset or pass"
+        f" static_args=('{name}',)."
     )
-  size = int(np.asarray(min_size))
-  if size < 1:
-    raise ValueError(f"min_size must be at least 1, got min_size={min_size!r}.")
-  return size
+  number = np.asarray(value)
+  if number.ndim != 0 or not np.issubdtype(number.dtype, np.integer) or isinstance(value, bool):
+    raise ValueError(f"{name} must be an integer of at least 1, got {name}={value!r}.")
+  if int(number) < 1:
+    raise ValueError(f"{name} must be at least 1, got {name}={value!r}.")
+  return int(number)
 
 
 def _resolve_tree(tree_or_fn: TreeOrFn, params: Any) -> Any:
@@ -137,10 +147,16 @@ def _compute_dtype(dtype: Any) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+class _LeafState(NamedTuple):
+  ema: jax.Array
+  kept_energy: jax.Array
+  blend: jax.Array
+  threshold: jax.Array
+
+
 def _filter_leaf(
     g: jax.Array,
-    ema: jax.Array,
-    previous_kept_energy: jax.Array,
+    previous: _LeafState,
     view: views_lib.SpectralView,
     *,
     keep_fraction: jax.Array,
@@ -148,14 +164,19 @@ def _filter_leaf(
     blend: Any,
     count: jax.Array,
     selection: selection_lib.Selection,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    recompute_threshold: Optional[jax.Array],
+) -> tuple[jax.Array, _LeafState]:
   """Runs the six SMI steps on one leaf.
 
+  Args:
+    recompute_threshold: ``None`` to select a threshold at every step, else a
+      traced bool: select one if True, reuse ``previous.threshold`` if False.
+
   Returns:
-    The update, the new spectral EMA, the kept energy share and the blend
-    alpha. A non-finite `g` yields ``g`` itself and the previous EMA and
-    kept energy.
+    The update and the leaf's new state. A non-finite `g` yields ``g`` itself
+    and keeps the previous EMA, kept energy and threshold.
   """
+  ema = previous.ema
   layout = views_lib.make_layout(g.shape, view)
   g_compute = g.astype(_compute_dtype(g.dtype))
   finite = jnp.all(jnp.isfinite(g_compute))
@@ -165,7 +186,13 @@ def _filter_leaf(
 
   new_ema = beta * ema.astype(magnitude.dtype) + (1.0 - beta) * magnitude
 
-  threshold = selection_lib.select_threshold(new_ema, keep_fraction, selection)
+  def select():
+    return selection_lib.select_threshold(new_ema, keep_fraction, selection)
+
+  if recompute_threshold is None:
+    threshold = select()
+  else:
+    threshold = jax.lax.cond(recompute_threshold, select, lambda: previous.threshold)
   # Compare in float32, the precision the threshold was chosen in.
   mask = new_ema.astype(jnp.float32) >= threshold
 
@@ -191,9 +218,12 @@ def _filter_leaf(
   blended = (1 - alpha_compute) * g_compute + alpha_compute * filtered
 
   update = jnp.where(finite, blended.astype(g.dtype), g)
-  new_ema = jnp.where(finite, new_ema.astype(ema.dtype), ema)
-  kept_energy = jnp.where(finite, kept_energy, previous_kept_energy)
-  return update, new_ema, kept_energy, alpha
+  return update, _LeafState(
+      ema=jnp.where(finite, new_ema.astype(ema.dtype), ema),
+      kept_energy=jnp.where(finite, kept_energy, previous.kept_energy),
+      blend=alpha,
+      threshold=jnp.where(finite, threshold, previous.threshold),
+  )
 
 
 def smi(
@@ -206,6 +236,7 @@ def smi(
     mask: Optional[TreeOrFn] = None,
     selection: selection_lib.Selection = "histogram",
     ema_dtype: Optional[Any] = None,
+    mask_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Spectral Momentum Integration: filters each gradient leaf in frequency space.
 
@@ -260,6 +291,9 @@ def smi(
       FFTs, and is meant for tests and reference runs.
     ema_dtype: dtype of the spectral EMA; ``None`` means float32. Pass
       ``"bfloat16"`` to halve its memory.
+    mask_every: select a new threshold at every ``mask_every``-th update
+      (counting from the first) and reuse the last one in between, applied
+      to the current EMA. At least 1; ``None`` or 1 selects at every update.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is `SMIState`.
@@ -291,79 +325,96 @@ def smi(
     raise ValueError(
         f"selection must be 'histogram' or 'exact', got selection={selection!r}."
     )
-  if min_size is not None and not _is_tracer(min_size):
-    _resolve_min_size(min_size)
+  if not _is_tracer(min_size):
+    _resolve_static_int("min_size", min_size, DEFAULT_MIN_SIZE)
+  mask_every = _resolve_static_int("mask_every", mask_every, default=1)
   ema_dtype = jnp.dtype(jnp.float32 if ema_dtype is None else ema_dtype)
   if not jnp.issubdtype(ema_dtype, jnp.floating):
     raise ValueError(f"ema_dtype must be a floating dtype, got ema_dtype={ema_dtype}.")
 
   def init_fn(params):
-    size_floor = _resolve_min_size(min_size)
+    size_floor = _resolve_static_int("min_size", min_size, DEFAULT_MIN_SIZE)
     leaves, treedef = jax.tree.flatten(params)
-    selected = treedef.flatten_up_to(_resolve_tree(mask, params)) if mask is not None else [True] * len(leaves)
+    if mask is None:
+      selected = [True] * len(leaves)
+    else:
+      selected = treedef.flatten_up_to(_resolve_tree(mask, params))
     view_leaves = _view_leaves(views, params, treedef, leaves)
 
-    emas, energies, blends = [], [], []
+    leaf_states = []
     for leaf, is_selected, view in zip(leaves, selected, view_leaves):
       if not _is_filtered(leaf, size_floor, bool(is_selected)):
-        emas.append(None)
-        energies.append(None)
-        blends.append(None)
+        leaf_states.append(None)
         continue
       layout = views_lib.make_layout(tuple(leaf.shape), view)
-      emas.append(jnp.zeros(layout.spectrum_shape, ema_dtype))
-      energies.append(jnp.zeros([], jnp.float32))
-      blends.append(jnp.zeros([], jnp.float32))
-    return SMIState(
-        count=jnp.zeros([], jnp.int32),
-        spectral_ema=treedef.unflatten(emas),
-        kept_energy=treedef.unflatten(energies),
-        blend=treedef.unflatten(blends),
-    )
+      scalar = jnp.zeros([], jnp.float32)
+      leaf_states.append(
+          _LeafState(
+              ema=jnp.zeros(layout.spectrum_shape, ema_dtype),
+              kept_energy=scalar,
+              blend=scalar,
+              threshold=scalar,
+          )
+      )
+    return _pack_state(jnp.zeros([], jnp.int32), treedef, leaf_states)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     leaves, treedef = jax.tree.flatten(updates)
-    emas = treedef.flatten_up_to(state.spectral_ema)
-    energies = treedef.flatten_up_to(state.kept_energy)
-    blends = treedef.flatten_up_to(state.blend)
+    leaf_states = _unpack_state(state, treedef)
     view_leaves = _view_leaves(views, params if params is not None else updates, treedef, leaves)
 
     clipped_keep = jnp.clip(jnp.asarray(keep_fraction, jnp.float32), 0.0, 1.0)
     clipped_beta = jnp.clip(jnp.asarray(beta, jnp.float32), 0.0, 1.0)
-    new_updates, new_emas, new_energies, new_blends = [], [], [], []
-    for g, ema, energy, alpha, view in zip(leaves, emas, energies, blends, view_leaves):
-      if ema is None:
+    recompute = None if mask_every == 1 else state.count % mask_every == 0
+    new_updates, new_leaf_states = [], []
+    for g, leaf_state, view in zip(leaves, leaf_states, view_leaves):
+      if leaf_state is None:
         new_updates.append(g)
-        new_emas.append(None)
-        new_energies.append(None)
-        new_blends.append(None)
+        new_leaf_states.append(None)
         continue
-      update, ema, kept, alpha_used = _filter_leaf(
+      update, leaf_state = _filter_leaf(
           g,
-          ema,
-          energy,
+          leaf_state,
           view,
           keep_fraction=clipped_keep,
           beta=clipped_beta,
           blend=blend,
           count=state.count,
           selection=selection,
+          recompute_threshold=recompute,
       )
       new_updates.append(update)
-      new_emas.append(ema)
-      new_energies.append(kept)
-      new_blends.append(alpha_used)
+      new_leaf_states.append(leaf_state)
 
-    new_state = SMIState(
-        count=optax.safe_increment(state.count),
-        spectral_ema=treedef.unflatten(new_emas),
-        kept_energy=treedef.unflatten(new_energies),
-        blend=treedef.unflatten(new_blends),
-    )
+    new_state = _pack_state(optax.safe_increment(state.count), treedef, new_leaf_states)
     return treedef.unflatten(new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _pack_state(count: jax.Array, treedef: Any, leaf_states: list) -> SMIState:
+  """Builds an `SMIState` from one `_LeafState` (or None) per leaf."""
+
+  def field_tree(name):
+    return treedef.unflatten([None if s is None else getattr(s, name) for s in leaf_states])
+
+  return SMIState(
+      count=count,
+      spectral_ema=field_tree("ema"),
+      kept_energy=field_tree("kept_energy"),
+      blend=field_tree("blend"),
+      threshold=field_tree("threshold"),
+  )
+
+
+def _unpack_state(state: SMIState, treedef: Any) -> list:
+  """Splits an `SMIState` into one `_LeafState` (or None) per leaf."""
+  columns = [
+      treedef.flatten_up_to(tree)
+      for tree in (state.spectral_ema, state.kept_energy, state.blend, state.threshold)
+  ]
+  return [None if row[0] is None else _LeafState(*row) for row in zip(*columns)]
 
 
 def _view_leaves(views: Optional[TreeOrFn], params: Any, treedef: Any, leaves: list) -> list:
@@ -396,6 +447,7 @@ def smi_adamw(
     mask: Optional[TreeOrFn] = None,
     selection: selection_lib.Selection = "histogram",
     ema_dtype: Optional[Any] = None,
+    mask_every: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on SMI-filtered gradients: ``optax.chain(smi(...), optax.adamw(...))``.
 
@@ -415,6 +467,7 @@ def smi_adamw(
     mask: which leaves SMI filters; see `smi`.
     selection: see `smi`.
     ema_dtype: see `smi`.
+    mask_every: see `smi`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -433,6 +486,7 @@ def smi_adamw(
           mask=mask,
           selection=selection,
           ema_dtype=ema_dtype,
+          mask_every=mask_every,
       ),
       optax.adamw(
           learning_rate,
