@@ -13,6 +13,7 @@ _MANTISSA_BITS = 5
 _BUCKET_SHIFT = 23 - _MANTISSA_BITS
 _NUM_BUCKETS = 1 << (31 - _BUCKET_SHIFT)
 _INFINITY_BITS = 0x7F800000
+_GROUP = 128  # buckets per group in the two-level search
 
 
 def _kept_count(keep_fraction: jax.Array, n: int) -> jax.Array:
@@ -43,6 +44,38 @@ def _float32_bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
 
 
+def _suffix_sums(counts: jax.Array) -> jax.Array:
+  """Returns, per position, the sum of `counts` from there to the end."""
+  return jnp.cumsum(counts[::-1])[::-1]
+
+
+def _find_kth_largest_bucket(
+    counts: jax.Array, k: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Finds the bucket holding the k-th largest value, from per-bucket counts.
+
+  Searches in two levels (groups of `_GROUP` buckets, then buckets within
+  the group) because XLA lowers a cumulative sum over all 8192 buckets to a
+  quadratic-cost window reduction on CPU, slower than the FFTs of a small
+  leaf.
+
+  Returns:
+    The bucket's index, the count of values in higher buckets, and the count
+    in the bucket itself.
+  """
+  groups = counts.reshape(-1, _GROUP)
+  group_totals = jnp.sum(groups, axis=1)
+  group_at_or_above = _suffix_sums(group_totals)
+  group = jnp.sum(group_at_or_above >= k) - 1
+  above_group = group_at_or_above[group] - group_totals[group]
+
+  in_group = jax.lax.dynamic_index_in_dim(groups, group, keepdims=False)
+  at_or_above = _suffix_sums(in_group) + above_group
+  offset = jnp.sum(at_or_above >= k) - 1
+  in_bucket = in_group[offset]
+  return group * _GROUP + offset, at_or_above[offset] - in_bucket, in_bucket
+
+
 def histogram_threshold(ema: jax.Array, keep_fraction: jax.Array) -> jax.Array:
   """Returns a threshold that keeps about `keep_fraction` of `ema`, without sorting.
 
@@ -63,11 +96,8 @@ def histogram_threshold(ema: jax.Array, keep_fraction: jax.Array) -> jax.Array:
   # NaN and Inf land in the last bucket. Their update is discarded anyway.
   buckets = jnp.clip(jnp.right_shift(_float32_bits(flat), _BUCKET_SHIFT), 0, _NUM_BUCKETS - 1)
   counts = jnp.zeros((_NUM_BUCKETS,), jnp.int32).at[buckets].add(1)
-  at_or_above = jnp.cumsum(counts[::-1])[::-1]  # count in this bucket or higher
-
-  bucket = jnp.sum(at_or_above >= k) - 1  # holds the k-th largest value
-  above = at_or_above[bucket] - counts[bucket]
-  share_to_keep = (k - above).astype(jnp.float32) / jnp.maximum(counts[bucket], 1)
+  bucket, above, in_bucket = _find_kth_largest_bucket(counts, k)
+  share_to_keep = (k - above).astype(jnp.float32) / jnp.maximum(in_bucket, 1)
   threshold_bits = (bucket.astype(jnp.float32) + 1.0 - share_to_keep) * float(1 << _BUCKET_SHIFT)
   threshold_bits = jnp.minimum(threshold_bits, float(_INFINITY_BITS)).astype(jnp.int32)
   threshold = jax.lax.bitcast_convert_type(threshold_bits, jnp.float32)
