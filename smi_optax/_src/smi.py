@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from smi_optax._src import selection as selection_lib
+from smi_optax._src import sharding as sharding_lib
 from smi_optax._src import views as views_lib
 
 DEFAULT_MIN_SIZE = 1024
@@ -161,16 +162,21 @@ def _filter_leaf(
     *,
     keep_fraction: jax.Array,
     beta: jax.Array,
-    blend: Any,
-    count: jax.Array,
+    blend: Union[jax.Array, AdaptiveBlend],
     selection: selection_lib.Selection,
     recompute_threshold: Optional[jax.Array],
+    axis_names: tuple[str, ...] = (),
 ) -> tuple[jax.Array, _LeafState]:
   """Runs the six SMI steps on one leaf.
 
   Args:
+    blend: the adaptive rule, or the blend alpha of this step.
     recompute_threshold: ``None`` to select a threshold at every step, else a
       traced bool: select one if True, reuse ``previous.threshold`` if False.
+    axis_names: mesh axes over which `g` is one shard of the leaf, inside
+      ``jax.shard_map``. Each shard is transformed on its own, but the
+      threshold, the kept energy and the finiteness check cover the whole
+      leaf. Empty outside ``shard_map``.
 
   Returns:
     The update and the leaf's new state. A non-finite `g` yields ``g`` itself
@@ -180,6 +186,8 @@ def _filter_leaf(
   layout = views_lib.make_layout(g.shape, view)
   g_compute = g.astype(_compute_dtype(g.dtype))
   finite = jnp.all(jnp.isfinite(g_compute))
+  if axis_names:
+    finite = jax.lax.pmin(finite.astype(jnp.int32), axis_names).astype(bool)
 
   spectrum = views_lib.forward(g_compute, layout)
   magnitude = jnp.abs(spectrum)
@@ -187,7 +195,7 @@ def _filter_leaf(
   new_ema = beta * ema.astype(magnitude.dtype) + (1.0 - beta) * magnitude
 
   def select():
-    return selection_lib.select_threshold(new_ema, keep_fraction, selection)
+    return selection_lib.select_threshold(new_ema, keep_fraction, selection, axis_names)
 
   if recompute_threshold is None:
     threshold = select()
@@ -197,22 +205,18 @@ def _filter_leaf(
   mask = new_ema.astype(jnp.float32) >= threshold
 
   power = magnitude * magnitude * views_lib.energy_weights(layout)
-  total_energy = jnp.sum(power)
+  energies = jnp.stack([jnp.sum(power), jnp.sum(jnp.where(mask, power, 0.0))])
+  if axis_names:
+    energies = jax.lax.psum(energies, axis_names)
+  total_energy, kept_total = energies[0], energies[1]
   kept_energy = jnp.where(
-      total_energy > 0,
-      jnp.sum(jnp.where(mask, power, 0.0)) / jnp.where(total_energy > 0, total_energy, 1.0),
-      1.0,
+      total_energy > 0, kept_total / jnp.where(total_energy > 0, total_energy, 1.0), 1.0
   ).astype(jnp.float32)
 
   filtered = views_lib.inverse(jnp.where(mask, spectrum, 0), layout)
   filtered = jnp.where(keep_fraction >= 1.0, g_compute, filtered)
 
-  if isinstance(blend, AdaptiveBlend):
-    alpha = blend.max_blend * kept_energy
-  elif callable(blend):
-    alpha = blend(count)
-  else:
-    alpha = blend
+  alpha = blend.max_blend * kept_energy if isinstance(blend, AdaptiveBlend) else blend
   alpha = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, 1.0)
   alpha_compute = alpha.astype(g_compute.dtype)
   blended = (1 - alpha_compute) * g_compute + alpha_compute * filtered
@@ -237,6 +241,9 @@ def smi(
     selection: selection_lib.Selection = "histogram",
     ema_dtype: Optional[Any] = None,
     mask_every: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    param_specs: Optional[TreeOrFn] = None,
+    shard_local: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Spectral Momentum Integration: filters each gradient leaf in frequency space.
 
@@ -294,6 +301,19 @@ def smi(
     mask_every: select a new threshold at every ``mask_every``-th update
       (counting from the first) and reuse the last one in between, applied
       to the current EMA. At least 1; ``None`` or 1 selects at every update.
+    mesh: a ``jax.sharding.Mesh`` on which the parameters are sharded. With
+      ``param_specs``, the state is placed and kept on it: the EMA keeps the
+      leaf's sharding on its batch dimensions and on the row dimension where
+      only the first row axis is sharded, and is replicated otherwise.
+    param_specs: a tree of ``PartitionSpec`` shaped like the parameters, or a
+      function of the parameters returning one; required with ``mesh``.
+    shard_local: with ``mesh``, filter each device's shard of a leaf on its
+      own inside ``jax.shard_map``, so no FFT crosses devices. The threshold,
+      kept energy and finiteness check still cover the whole leaf (8192
+      int32 counts and three scalars per leaf cross devices). The result
+      differs from the global filter: each shard's spectrum is that of its
+      block, so frequencies are those of the block, not the leaf. Requires
+      ``selection="histogram"`` and sharded dimensions that divide evenly.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is `SMIState`.
@@ -328,9 +348,29 @@ def smi(
   if not _is_tracer(min_size):
     _resolve_static_int("min_size", min_size, DEFAULT_MIN_SIZE)
   mask_every = _resolve_static_int("mask_every", mask_every, default=1)
+  if mesh is not None and param_specs is None:
+    raise ValueError("param_specs is required with mesh: pass the parameters' PartitionSpec tree.")
+  if shard_local and mesh is None:
+    raise ValueError("shard_local=True needs a mesh and param_specs.")
+  if shard_local and selection != "histogram":
+    raise ValueError(
+        f"shard_local=True needs selection='histogram', got selection={selection!r}."
+    )
   ema_dtype = jnp.dtype(jnp.float32 if ema_dtype is None else ema_dtype)
   if not jnp.issubdtype(ema_dtype, jnp.floating):
     raise ValueError(f"ema_dtype must be a floating dtype, got ema_dtype={ema_dtype}.")
+
+  mesh_shape = dict(mesh.shape) if mesh is not None else {}
+
+  def leaf_specs(params, treedef, leaves):
+    if mesh is None:
+      return [None] * len(leaves)
+    return treedef.flatten_up_to(_resolve_tree(param_specs, params))
+
+  def place(x, spec):
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
   def init_fn(params):
     size_floor = _resolve_static_int("min_size", min_size, DEFAULT_MIN_SIZE)
@@ -340,17 +380,27 @@ def smi(
     else:
       selected = treedef.flatten_up_to(_resolve_tree(mask, params))
     view_leaves = _view_leaves(views, params, treedef, leaves)
+    spec_leaves = leaf_specs(params, treedef, leaves)
 
     leaf_states = []
-    for leaf, is_selected, view in zip(leaves, selected, view_leaves):
+    for leaf, is_selected, view, spec in zip(leaves, selected, view_leaves, spec_leaves):
       if not _is_filtered(leaf, size_floor, bool(is_selected)):
         leaf_states.append(None)
         continue
-      layout = views_lib.make_layout(tuple(leaf.shape), view)
-      scalar = jnp.zeros([], jnp.float32)
+      shape = tuple(leaf.shape)
+      if shard_local:
+        shard_layout = views_lib.make_layout(
+            sharding_lib.local_shape(shape, spec, mesh_shape), view
+        )
+        ema_shape, ema_spec = sharding_lib.local_ema_layout(shard_layout, spec, mesh_shape)
+      else:
+        layout = views_lib.make_layout(shape, view)
+        ema_shape = layout.spectrum_shape
+        ema_spec = sharding_lib.global_ema_spec(layout, spec) if mesh is not None else None
+      scalar = place(jnp.zeros([], jnp.float32), jax.sharding.PartitionSpec())
       leaf_states.append(
           _LeafState(
-              ema=jnp.zeros(layout.spectrum_shape, ema_dtype),
+              ema=place(jnp.zeros(ema_shape, ema_dtype), ema_spec),
               kept_energy=scalar,
               blend=scalar,
               threshold=scalar,
@@ -362,28 +412,36 @@ def smi(
     del extra_args
     leaves, treedef = jax.tree.flatten(updates)
     leaf_states = _unpack_state(state, treedef)
-    view_leaves = _view_leaves(views, params if params is not None else updates, treedef, leaves)
+    like_params = params if params is not None else updates
+    view_leaves = _view_leaves(views, like_params, treedef, leaves)
+    spec_leaves = leaf_specs(like_params, treedef, leaves)
 
-    clipped_keep = jnp.clip(jnp.asarray(keep_fraction, jnp.float32), 0.0, 1.0)
-    clipped_beta = jnp.clip(jnp.asarray(beta, jnp.float32), 0.0, 1.0)
-    recompute = None if mask_every == 1 else state.count % mask_every == 0
+    options = dict(
+        keep_fraction=jnp.clip(jnp.asarray(keep_fraction, jnp.float32), 0.0, 1.0),
+        beta=jnp.clip(jnp.asarray(beta, jnp.float32), 0.0, 1.0),
+        blend=blend if isinstance(blend, AdaptiveBlend) else jnp.asarray(
+            blend(state.count) if callable(blend) else blend, jnp.float32
+        ),
+        recompute_threshold=None if mask_every == 1 else state.count % mask_every == 0,
+    )
     new_updates, new_leaf_states = [], []
-    for g, leaf_state, view in zip(leaves, leaf_states, view_leaves):
+    for g, leaf_state, view, spec in zip(leaves, leaf_states, view_leaves, spec_leaves):
       if leaf_state is None:
         new_updates.append(g)
         new_leaf_states.append(None)
         continue
-      update, leaf_state = _filter_leaf(
-          g,
-          leaf_state,
-          view,
-          keep_fraction=clipped_keep,
-          beta=clipped_beta,
-          blend=blend,
-          count=state.count,
-          selection=selection,
-          recompute_threshold=recompute,
-      )
+      if shard_local:
+        update, leaf_state = _filter_shard_local(
+            g, leaf_state, view, spec, mesh, mesh_shape, selection, options
+        )
+      else:
+        update, leaf_state = _filter_leaf(g, leaf_state, view, selection=selection, **options)
+        if mesh is not None:
+          layout = views_lib.make_layout(g.shape, view)
+          update = place(update, jax.sharding.PartitionSpec(*(spec or ())))
+          leaf_state = leaf_state._replace(
+              ema=place(leaf_state.ema, sharding_lib.global_ema_spec(layout, spec))
+          )
       new_updates.append(update)
       new_leaf_states.append(leaf_state)
 
@@ -391,6 +449,49 @@ def smi(
     return treedef.unflatten(new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _filter_shard_local(g, leaf_state, view, spec, mesh, mesh_shape, selection, options):
+  """Runs `_filter_leaf` on each device's shard of `g` inside ``jax.shard_map``."""
+  axis_names = sharding_lib.leaf_mesh_axes(spec, g.ndim)
+  if not axis_names:  # A replicated leaf: every device holds all of it.
+    return _filter_leaf(g, leaf_state, view, selection=selection, **options)
+
+  shard_layout = views_lib.make_layout(sharding_lib.local_shape(g.shape, spec, mesh_shape), view)
+  _, ema_spec = sharding_lib.local_ema_layout(shard_layout, spec, mesh_shape)
+  replicated = jax.sharding.PartitionSpec()
+  grad_spec = jax.sharding.PartitionSpec(*(spec or ()))
+  state_specs = _LeafState(ema=ema_spec, kept_energy=replicated, blend=replicated, threshold=replicated)
+  adaptive = options["blend"] if isinstance(options["blend"], AdaptiveBlend) else None
+  recompute = options["recompute_threshold"]
+
+  def body(g_shard, state_shard, keep_fraction, beta, blend_value, recompute_flag):
+    return _filter_leaf(
+        g_shard,
+        state_shard,
+        view,
+        keep_fraction=keep_fraction,
+        beta=beta,
+        blend=adaptive if adaptive is not None else blend_value,
+        selection=selection,
+        recompute_threshold=None if recompute is None else recompute_flag,
+        axis_names=axis_names,
+    )
+
+  mapped = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(grad_spec, state_specs, replicated, replicated, replicated, replicated),
+      out_specs=(grad_spec, state_specs),
+  )
+  return mapped(
+      g,
+      leaf_state,
+      options["keep_fraction"],
+      options["beta"],
+      jnp.zeros([], jnp.float32) if adaptive is not None else options["blend"],
+      jnp.asarray(True) if recompute is None else recompute,
+  )
 
 
 def _pack_state(count: jax.Array, treedef: Any, leaf_states: list) -> SMIState:

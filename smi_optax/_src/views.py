@@ -40,6 +40,8 @@ class Layout(NamedTuple):
   rows: int  # 0 for a 1-D transform
   cols: int
   permuted_shape: tuple[int, ...]
+  num_row_axes: int
+  num_col_axes: int
 
   @property
   def spectrum_shape(self) -> tuple[int, ...]:
@@ -81,6 +83,8 @@ def make_layout(shape: tuple[int, ...], view: SpectralView) -> Layout:
       rows=math.prod(shape[a] for a in row_axes) if row_axes else 0,
       cols=math.prod(shape[a] for a in col_axes),
       permuted_shape=tuple(shape[a] for a in permutation),
+      num_row_axes=len(row_axes),
+      num_col_axes=len(col_axes),
   )
 
 
