@@ -549,6 +549,9 @@ def smi_adamw(
     selection: selection_lib.Selection = "histogram",
     ema_dtype: Optional[Any] = None,
     mask_every: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    param_specs: Optional[TreeOrFn] = None,
+    shard_local: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW on SMI-filtered gradients: ``optax.chain(smi(...), optax.adamw(...))``.
 
@@ -569,6 +572,9 @@ def smi_adamw(
     selection: see `smi`.
     ema_dtype: see `smi`.
     mask_every: see `smi`.
+    mesh: see `smi`.
+    param_specs: see `smi`.
+    shard_local: see `smi`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -588,6 +594,9 @@ def smi_adamw(
           selection=selection,
           ema_dtype=ema_dtype,
           mask_every=mask_every,
+          mesh=mesh,
+          param_specs=param_specs,
+          shard_local=shard_local,
       ),
       optax.adamw(
           learning_rate,
