@@ -68,7 +68,8 @@ class SMIState(NamedTuple):
       of its real FFT coefficients, shaped like the half spectrum.
     kept_energy: per leaf, a float32 scalar: the share of spectral energy the
       mask kept at the last finite step.
-    blend: per leaf, a float32 scalar: the blend ``alpha`` of the last step.
+    blend: per leaf, a float32 scalar: the blend ``alpha`` of the last
+      finite step.
     threshold: per leaf, a float32 scalar: the mask threshold of the last
       finite step, reused between recomputations when ``mask_every > 1``.
   """
@@ -180,7 +181,7 @@ def _filter_leaf(
 
   Returns:
     The update and the leaf's new state. A non-finite `g` yields ``g`` itself
-    and keeps the previous EMA, kept energy and threshold.
+    and keeps the previous state.
   """
   ema = previous.ema
   layout = views_lib.make_layout(g.shape, view)
@@ -225,7 +226,7 @@ def _filter_leaf(
   return update, _LeafState(
       ema=jnp.where(finite, new_ema.astype(ema.dtype), ema),
       kept_energy=jnp.where(finite, kept_energy, previous.kept_energy),
-      blend=alpha,
+      blend=jnp.where(finite, alpha, previous.blend),
       threshold=jnp.where(finite, threshold, previous.threshold),
   )
 
