@@ -12,13 +12,20 @@ optimizer differs. Both use the same learning-rate schedule (linear warm-up,
 then cosine decay to `--min-lr`), gradient clipping, Adam betas and weight
 decay on matrices only.
 
-Outputs under `--out`: results.json, loss.png, samples/<optimizer>.txt and an
-Orbax checkpoint of the final parameters in checkpoints/<optimizer>.
+`--devices N` trains data-parallel on the first N devices: each batch is split
+along its first axis and the parameters and optimizer state are replicated.
+
+Outputs under `--out`: results.json, loss.png, smi_stats.png (with SMI),
+samples/<optimizer>.txt and Orbax checkpoints of the training state in
+checkpoints/<optimizer>/train_state, saved at every evaluation. `--resume DIR`
+continues from the newest of those; checkpointing.py says what they contain.
 """
 
 import dataclasses
+import functools
 import json
 import math
+import signal
 import statistics
 import sys
 import tempfile
@@ -29,6 +36,7 @@ from pathlib import Path
 # insert also covers `import train` from elsewhere, as the tests do.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import checkpointing  # noqa: E402
 import config as config_lib  # noqa: E402
 import data as data_lib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,6 +56,9 @@ class RunResult:
   params: dict  # final parameters, as nnx.to_pure_dict returns them
   history: list[tuple[int, float, float]]  # (step, train loss, val loss) per evaluation
   step_ms: list[float]  # wall time of every training step, compile included
+  # (step, kept_energy_mean, blend_mean) per evaluation after step 0; SMI runs only.
+  stats: list[tuple[int, float, float]]
+  last_step: int  # below config.steps when --stop-after or SIGTERM ended the run
 
 
 def prepare_output_dir(out: str) -> Path:
@@ -81,15 +92,36 @@ def load_text(config: config_lib.Config) -> str:
     raise ValueError(f'--text: {error}') from None
 
 
-def make_optimizer(name: str, config: config_lib.Config):
+def make_mesh(num_devices: int):
+  """Return a 1-D `jax.sharding.Mesh` with axis 'data' over the first `num_devices` devices.
+
+  Raises:
+    ValueError: fewer than `num_devices` devices are available.
+  """
+  import jax
+
+  available = jax.device_count()
+  if num_devices > available:
+    raise ValueError(
+        f'--devices {num_devices} is more than jax.device_count() = {available}; on CPU, set '
+        f'XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} to get {num_devices} '
+        'host devices'
+    )
+  return jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ('data',))
+
+
+def make_optimizer(name: str, config: config_lib.Config, mesh=None):
   """Build the optimizer `name` ('smi' or 'adamw') with the shared schedule and clipping.
 
   Weight decay applies to leaves with 2 or more dimensions (Linear kernels and
   embeddings), not to biases or LayerNorm parameters, for both optimizers.
+  With `mesh`, SMI places its state on the mesh, replicated like the
+  parameters.
   """
   import jax
   import optax
   import smi_optax
+  from jax.sharding import PartitionSpec
 
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
@@ -112,6 +144,10 @@ def make_optimizer(name: str, config: config_lib.Config):
         b2=config.b2,
         weight_decay=config.weight_decay,
         weight_decay_mask=decay_mask,
+        mesh=mesh,
+        param_specs=None if mesh is None else lambda params: jax.tree.map(
+            lambda _: PartitionSpec(), params
+        ),
     )
   elif name == 'adamw':
     optimizer = optax.adamw(
@@ -124,22 +160,26 @@ def make_optimizer(name: str, config: config_lib.Config):
   return optimizer
 
 
-def make_train_step(graphdef, optimizer, seed: int):
+def make_train_step(graphdef, optimizer, seed: int, mesh=None):
   """Return the jitted `train_step(params, opt_state, x, y, step) -> (params, opt_state, loss)`.
 
   The step is a pure function of its arguments; the model is rebuilt inside it
   with `nnx.merge(graphdef, params)`. The dropout key is derived from `seed`
   and the step number, so two runs with the same seed draw the same masks.
+  With `mesh`, every output is replicated on it; XLA sums the gradients of
+  the batch shards across devices.
   """
   import jax
   import optax
   from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
 
   import model as model_lib
 
   base_key = jax.random.key(seed)
+  out_shardings = None if mesh is None else NamedSharding(mesh, PartitionSpec())
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=out_shardings)
   def train_step(params, opt_state, x, y, step):
     dropout_rngs = nnx.Rngs(dropout=jax.random.fold_in(base_key, step))
 
@@ -171,22 +211,47 @@ def make_eval_loss(graphdef):
 
 
 def estimate_losses(
-    eval_loss, params, corpus: data_lib.Corpus, config: config_lib.Config, step: int
+    eval_loss,
+    params,
+    corpus: data_lib.Corpus,
+    config: config_lib.Config,
+    step: int,
+    batch_sharding=None,
 ):
   """Return the mean (train, val) loss over `config.eval_iters` batches of each split.
 
   The batches depend on the seed and `step` only, so every optimizer is
-  evaluated on the same batches at the same step.
+  evaluated on the same batches at the same step. With `batch_sharding`, each
+  batch is placed with it before the call.
   """
   rng = np.random.default_rng([config.seed, 1, step])
   means = []
   for tokens in (corpus.train, corpus.val):
-    losses = [
-        eval_loss(params, *data_lib.sample_batch(tokens, config.batch_size, config.block_size, rng))
-        for _ in range(config.eval_iters)
-    ]
+    losses = []
+    for _ in range(config.eval_iters):
+      x, y = data_lib.sample_batch(tokens, config.batch_size, config.block_size, rng)
+      losses.append(eval_loss(params, *place_batch(x, y, batch_sharding)))
     means.append(float(np.mean([float(loss) for loss in losses])))
   return tuple(means)
+
+
+def training_batch(corpus: data_lib.Corpus, config: config_lib.Config, step: int):
+  """Return the (x, y) batch of training step `step`.
+
+  The draw depends on the seed and `step` only, so a resumed run sees the
+  same batches as an unbroken one.
+  """
+  rng = np.random.default_rng([config.seed, 0, step])
+  return data_lib.sample_batch(corpus.train, config.batch_size, config.block_size, rng)
+
+
+def place_batch(x: np.ndarray, y: np.ndarray, batch_sharding):
+  """Put a batch on the devices of `batch_sharding`, split along its first axis."""
+  if batch_sharding is None:
+    return x, y
+  import jax
+
+  return jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
 
 
 def median_step_ms(step_ms: list[float]) -> float:
@@ -199,47 +264,145 @@ def median_step_ms(step_ms: list[float]) -> float:
   return statistics.median(step_ms[skip:] or step_ms)
 
 
-def train_model(
-    name: str, config: config_lib.Config, corpus: data_lib.Corpus, graphdef, init_params, eval_loss
-) -> RunResult:
-  """Train from `init_params` with optimizer `name` for `config.steps` steps."""
+class StopRequest:
+  """Flag that a SIGTERM handler sets; the training loop checks it after every step."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+
+  def install(self) -> None:
+    """Handle SIGTERM by setting the flag (call from the main thread)."""
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What every run of an experiment shares besides the config."""
+
+  corpus: data_lib.Corpus
+  graphdef: object  # the model's nnx.GraphDef
+  init_params: dict
+  eval_loss: object  # from make_eval_loss
+  mesh: object  # jax.sharding.Mesh with axis 'data'
+  out_dir: Path
+  text_sha256: str
+  stop: StopRequest
+
+
+def smi_means(opt_state) -> tuple[float, float]:
+  """Return SMI's (kept_energy_mean, blend_mean) from an optimizer state."""
+  import smi_optax
+
+  values = smi_optax.stats(opt_state)
+  return float(values['kept_energy_mean']), float(values['blend_mean'])
+
+
+def train_model(name: str, config: config_lib.Config, context: RunContext) -> RunResult:
+  """Train with optimizer `name` up to `config.steps`, saving the state at every evaluation.
+
+  With `config.resume`, the run continues from the newest checkpoint of `name`
+  there, if there is one. It stops early after step `config.stop_after` (when
+  above 0) or after the step during which SIGTERM arrived, each time saving
+  that step first.
+  """
   import jax
+  from jax.sharding import NamedSharding, PartitionSpec
   from tqdm import tqdm
 
-  optimizer = make_optimizer(name, config)
-  train_step = make_train_step(graphdef, optimizer, config.seed)
-  params = init_params
-  opt_state = optimizer.init(params)
-  # The same seed gives both optimizers the same batch order.
-  batch_rng = np.random.default_rng([config.seed, 0])
+  mesh = context.mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
+  optimizer = make_optimizer(name, config, mesh)
+  train_step = make_train_step(context.graphdef, optimizer, config.seed, mesh)
+  params = jax.device_put(context.init_params, replicated)
+  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
   tokens_per_step = config.batch_size * config.block_size
 
-  train_loss, val_loss = estimate_losses(eval_loss, params, corpus, config, step=0)
-  history = [(0, train_loss, val_loss)]
-  step_ms = []
-  progress = tqdm(range(1, config.steps + 1), desc=name, unit='step', dynamic_ncols=True)
+  def evaluate(params, step):
+    return estimate_losses(
+        context.eval_loss, params, context.corpus, config, step, batch_sharding=batch_sharding
+    )
+
+  history, stats, step_ms, start_step = [], [], [], 0
+  writer_dir = checkpointing.train_state_dir(context.out_dir, name)
+  resume_dir = None
+  if config.resume is not None:
+    resume_dir = checkpointing.train_state_dir(Path(config.resume), name)
+  if resume_dir is not None and checkpointing.latest_step(resume_dir) is not None:
+    saved = checkpointing.restore_run(resume_dir, params, opt_state)
+    params, opt_state, start_step = saved.params, saved.opt_state, saved.step
+    history = [tuple(entry) for entry in saved.meta['history']]
+    stats = [tuple(entry) for entry in saved.meta['stats']]
+    step_ms = list(saved.meta['step_ms'])
+    print(f'{name}: resumed at step {start_step} from {resume_dir}', flush=True)
+  in_place = resume_dir is not None and resume_dir.resolve() == writer_dir.resolve()
+  writer = checkpointing.TrainStateWriter(writer_dir, keep_existing=in_place)
+
+  def save(step):
+    meta = {
+        'step': step,
+        'config': dataclasses.asdict(config),
+        'text_sha256': context.text_sha256,
+        'history': history,
+        'stats': stats,
+        'step_ms': step_ms,
+    }
+    writer.save(step, params, opt_state, meta)
+
+  if start_step == 0:
+    history.append((0, *evaluate(params, 0)))
+  else:
+    # Copies the restored step into --out when it differs from --resume.
+    save(start_step)
+
+  stop_at = config.stop_after if config.stop_after else config.steps
+  stop_at = max(stop_at, start_step)
+  last_step = start_step
+  progress = tqdm(
+      range(start_step + 1, stop_at + 1),
+      desc=name,
+      unit='step',
+      dynamic_ncols=True,
+      initial=start_step,
+      total=config.steps,
+  )
   for step in progress:
-    x, y = data_lib.sample_batch(corpus.train, config.batch_size, config.block_size, batch_rng)
+    x, y = place_batch(*training_batch(context.corpus, config, step), batch_sharding)
     start = time.perf_counter()
     params, opt_state, loss = train_step(params, opt_state, x, y, step)
     loss = float(loss)  # waits for the step to finish, so the timing is complete
     step_ms.append((time.perf_counter() - start) * 1e3)
     progress.set_postfix(loss=f'{loss:.3f}', refresh=False)
+    last_step = step
 
     if step % config.eval_interval == 0 or step == config.steps:
-      train_loss, val_loss = estimate_losses(eval_loss, params, corpus, config, step)
+      train_loss, val_loss = evaluate(params, step)
       history.append((step, train_loss, val_loss))
-      if step <= config.eval_interval:
+      line = f'{name} step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}'
+      if name == 'smi':
+        kept_energy, blend = smi_means(opt_state)
+        stats.append((step, kept_energy, blend))
+        line += f', kept energy {kept_energy:.3f}, blend {blend:.3f}'
+      recent_ms = statistics.median(step_ms[-config.eval_interval :])
+      if len(step_ms) <= config.eval_interval:
         recent_ms = median_step_ms(step_ms)
-      else:
-        recent_ms = statistics.median(step_ms[-config.eval_interval :])
       progress.write(
-          f'{name} step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, '
-          f'{recent_ms:.1f} ms/step, {tokens_per_step / recent_ms * 1e3:,.0f} tokens/s'
+          f'{line}, {recent_ms:.1f} ms/step, {tokens_per_step / recent_ms * 1e3:,.0f} tokens/s'
       )
+      save(step)
+    if context.stop.signal_name is not None:
+      save(step)
+      break
   progress.close()
+  if last_step < config.steps:
+    save(last_step)
+  writer.close()
   jax.block_until_ready(params)
-  return RunResult(params=params, history=history, step_ms=step_ms)
+  return RunResult(params=params, history=history, step_ms=step_ms, stats=stats, last_step=last_step)
 
 
 def sample_text(
@@ -262,34 +425,6 @@ def sample_text(
       num_tokens=config.sample_length,
   )
   return vocabulary.decode(np.asarray(tokens))
-
-
-def save_checkpoint(path: Path, params) -> None:
-  """Write `params` to the Orbax checkpoint directory `path`, replacing an older one."""
-  import orbax.checkpoint as ocp
-
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path.resolve(), params, force=True)
-  checkpointer.wait_until_finished()
-
-
-def restore_params(path: str | Path, like):
-  """Read parameters saved by `save_checkpoint`.
-
-  Args:
-    path: the checkpoint directory, e.g. OUT/checkpoints/smi.
-    like: parameters (or `jax.ShapeDtypeStruct`s) with the saved tree
-      structure, shapes and dtypes, e.g. `nnx.to_pure_dict(nnx.state(model))`
-      of a model built with the same flags.
-
-  Returns:
-    The saved parameters, in the tree structure of `like`.
-  """
-  import jax
-  import orbax.checkpoint as ocp
-
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return ocp.StandardCheckpointer().restore(Path(path).resolve(), target)
 
 
 def plot_losses(histories: dict[str, list], path: Path) -> None:
@@ -315,11 +450,33 @@ def plot_losses(histories: dict[str, list], path: Path) -> None:
   plt.close(figure)
 
 
+def plot_smi_stats(stats: list, path: Path) -> None:
+  """Plot SMI's mean kept-energy share and mean blend against step."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(7, 3.5))
+  if stats:
+    steps, kept_energy, blend = zip(*stats)
+    axes.plot(steps, kept_energy, marker='.', label='kept energy (mean over leaves)')
+    axes.plot(steps, blend, marker='.', label='blend (mean over leaves)')
+  axes.set_xlabel('step')
+  axes.set_ylim(0, 1.05)
+  axes.set_title('SMI statistics at each evaluation')
+  axes.grid(alpha=0.3)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
 def summarize(run: RunResult, config: config_lib.Config, sample: str) -> dict:
   """Return the results.json entry of one run."""
   ms_per_step = median_step_ms(run.step_ms)
   val_loss = run.history[-1][2]
-  return {
+  summary = {
       'val_loss': val_loss,
       'best_val_loss': min(entry[2] for entry in run.history),
       'val_bpc': val_loss / math.log(2),
@@ -328,6 +485,9 @@ def summarize(run: RunResult, config: config_lib.Config, sample: str) -> dict:
       'history': [list(entry) for entry in run.history],
       'sample': sample,
   }
+  if run.stats:
+    summary['stats'] = [list(entry) for entry in run.stats]
+  return summary
 
 
 def format_table(runs: dict[str, dict], unigram_entropy: float) -> str:
@@ -355,15 +515,35 @@ class Experiment:
 
 
 def run_experiment(
-    config: config_lib.Config, text: str, corpus: data_lib.Corpus, out_dir: Path
+    config: config_lib.Config,
+    text: str,
+    corpus: data_lib.Corpus,
+    out_dir: Path,
+    mesh=None,
+    stop: StopRequest | None = None,
 ) -> Experiment:
-  """Train with each optimizer in `config.optimizers` and write all outputs to `out_dir`."""
+  """Train with each optimizer in `config.optimizers` and write all outputs to `out_dir`.
+
+  Args:
+    config: the experiment.
+    text: the training text, for its statistics and its checksum.
+    corpus: the encoded `text`.
+    out_dir: an existing, writable directory.
+    mesh: the device mesh (`make_mesh`); None builds one of `config.devices`.
+    stop: set by a SIGTERM handler; None never stops early.
+
+  Returns:
+    The results.json content and the final parameters. When --stop-after or
+    a stop request ended the runs early, `results` is empty and only the
+    checkpoints are written.
+  """
   import jax
   from flax import nnx
 
   import model as model_lib
 
-  devices = jax.devices()
+  mesh = mesh if mesh is not None else make_mesh(config.devices)
+  devices = list(mesh.devices.flat)
   print(f'JAX devices: {", ".join(str(device) for device in devices)}', flush=True)
   entropy = data_lib.unigram_entropy(text)
   print(
@@ -388,21 +568,61 @@ def run_experiment(
   num_params = sum(leaf.size for leaf in jax.tree.leaves(init_params))
   print(f'model: {num_params:,} parameters', flush=True)
 
-  # One jitted evaluation serves every run, so it compiles once.
-  eval_loss = make_eval_loss(graphdef)
-  runs = {}
-  final_params = {}
+  context = RunContext(
+      corpus=corpus,
+      graphdef=graphdef,
+      init_params=init_params,
+      # One jitted evaluation serves every run, so it compiles once.
+      eval_loss=make_eval_loss(graphdef),
+      mesh=mesh,
+      out_dir=out_dir,
+      text_sha256=checkpointing.text_digest(text),
+      stop=stop or StopRequest(),
+  )
+  finished = {}
   for name in config.optimizers:
-    run = train_model(name, config, corpus, graphdef, init_params, eval_loss)
+    finished[name] = train_model(name, config, context)
+    if context.stop.signal_name is not None or finished[name].last_step < config.steps:
+      break
+  final_params = {name: run.params for name, run in finished.items()}
+
+  if context.stop.signal_name is not None:
+    name, run = list(finished.items())[-1]
+    print(
+        f'train.py: stopped by {context.stop.signal_name} after step {run.last_step} of {name}, '
+        f'which is saved in {checkpointing.train_state_dir(out_dir, name)}; '
+        f'continue with --resume {out_dir}',
+        file=sys.stderr,
+        flush=True,
+    )
+    return Experiment(results={}, params=final_params)
+  if len(finished) < len(config.optimizers) or any(
+      run.last_step < config.steps for run in finished.values()
+  ):
+    # --stop-after: train the other optimizers up to the same step.
+    for name in config.optimizers[len(finished) :]:
+      finished[name] = train_model(name, config, context)
+      final_params[name] = finished[name].params
+    print(
+        f'stopped after step {config.stop_after} as --stop-after asks; '
+        f'continue with --resume {out_dir}',
+        flush=True,
+    )
+    return Experiment(results={}, params=final_params)
+
+  runs = {}
+  for name, run in finished.items():
     sample = sample_text(graphdef, run.params, corpus.vocabulary, config)
     print(f'\n--- {name} sample ---\n{sample}\n', flush=True)
     (out_dir / 'samples').mkdir(exist_ok=True)
     (out_dir / 'samples' / f'{name}.txt').write_text(sample, encoding='utf-8')
-    save_checkpoint(out_dir / 'checkpoints' / name, run.params)
     runs[name] = summarize(run, config, sample)
-    final_params[name] = run.params
 
   plot_losses({name: run['history'] for name, run in runs.items()}, out_dir / 'loss.png')
+  written = ['results.json', 'loss.png']
+  if 'smi' in finished:
+    plot_smi_stats(finished['smi'].stats, out_dir / 'smi_stats.png')
+    written.append('smi_stats.png')
   results = {
       'config': dataclasses.asdict(config),
       'devices': [str(device) for device in devices],
@@ -413,23 +633,65 @@ def run_experiment(
   }
   (out_dir / 'results.json').write_text(json.dumps(results, indent=2) + '\n', encoding='utf-8')
   print(format_table(runs, entropy))
-  print(
-      f'wrote {out_dir / "results.json"}, {out_dir / "loss.png"}, samples/ and checkpoints/ in {out_dir}'
-  )
+  print(f'wrote {", ".join(written)}, samples/ and checkpoints/ in {out_dir}')
   return Experiment(results=results, params=final_params)
 
 
+def check_resume(config: config_lib.Config, text: str) -> None:
+  """Check that --resume names a directory with a checkpoint written with compatible flags.
+
+  Raises:
+    ValueError: the directory is missing, holds no complete checkpoint of
+      any optimizer in `config.optimizers`, or one was written with a
+      different value of a flag outside `checkpointing.RESUMABLE_CHANGES`.
+  """
+  resume = Path(config.resume).expanduser()
+  if not resume.exists():
+    raise ValueError(f'--resume {config.resume}: directory not found')
+  if not resume.is_dir():
+    raise ValueError(f'--resume {config.resume}: not a directory')
+  found = False
+  for name in config.optimizers:
+    directory = checkpointing.train_state_dir(resume, name)
+    step = checkpointing.latest_step(directory)
+    if step is None:
+      continue
+    found = True
+    meta = checkpointing.read_meta(directory, step)
+    try:
+      checkpointing.check_compatible(
+          meta['config'], meta['text_sha256'], config, checkpointing.text_digest(text)
+      )
+    except ValueError as error:
+      raise ValueError(f'--resume {config.resume}: {error}') from None
+  if not found:
+    expected = checkpointing.train_state_dir(resume, '{' + ','.join(config.optimizers) + '}')
+    raise ValueError(f'--resume {config.resume}: no complete checkpoint in {expected}')
+
+
 def main(argv: list[str] | None = None) -> Experiment:
-  """Run the command line; an invalid flag or input exits with status 2 and one line on stderr."""
+  """Run the command line; an invalid flag or input exits with status 2 and one line on stderr.
+
+  SIGTERM stops training after the current step, saves that step and exits
+  with status 143.
+  """
   parser = config_lib.build_parser(prog='train.py')
   config = config_lib.parse_config(argv, parser=parser)
   try:
     text = load_text(config)
     corpus = data_lib.build_corpus(text, config.block_size)
+    mesh = make_mesh(config.devices)
+    if config.resume is not None:
+      check_resume(config, text)
     out_dir = prepare_output_dir(config.out)
   except ValueError as error:
     parser.error(str(error))
-  return run_experiment(config, text, corpus, out_dir)
+  stop = StopRequest()
+  stop.install()
+  experiment = run_experiment(config, text, corpus, out_dir, mesh=mesh, stop=stop)
+  if stop.signal_name is not None:
+    sys.exit(128 + signal.SIGTERM)
+  return experiment
 
 
 if __name__ == '__main__':
