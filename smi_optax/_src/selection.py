@@ -1,26 +1,25 @@
 """Threshold selection: the value above which a leaf's spectral EMA is kept."""
 
-from typing import Literal
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
 
 Selection = Literal["histogram", "exact"]
 
-# Mantissa bits that, with the 8 exponent bits, name a coarse histogram
-# bucket: 2**16 buckets, each spanning a factor of 1 + 2**-8 (0.4%) in value.
-# The low 15 bits then name one of 2**15 fine buckets inside a coarse one.
-_MANTISSA_BITS = 8
-_BUCKET_SHIFT = 23 - _MANTISSA_BITS
-_NUM_BUCKETS = 1 << (31 - _BUCKET_SHIFT)
-_NUM_FINE_BUCKETS = 1 << _BUCKET_SHIFT
+# Radix levels of the histogram selection, as (lowest bit, bit count) of the
+# float32 bit pattern: the exponent, then the top 13 mantissa bits (buckets of
+# relative width 2**-13), then the last 10 mantissa bits (single values).
+_EXPONENT_LEVEL = (23, 8)
+_MANTISSA_LEVEL = (10, 13)
+_LAST_LEVEL = (0, 10)
 _INFINITY_BITS = 0x7F800000
-_GROUP = 128  # buckets per group in the two-level search
+_GROUP = 256  # buckets per group in the two-level search
 
-# A coarse bucket holding more than this share of the leaf's coefficients is
-# refined, so interpolation inside a bucket can never miss by more than it.
+# A bucket of the second level holding more than this share of the leaf's
+# coefficients is counted again by its last bits, so interpolation inside a
+# bucket can never miss the kept count by more than this share.
 REFINE_SHARE = 0.005
-
 
 def _kept_count(keep_fraction: jax.Array, n: int) -> jax.Array:
   """Returns round(keep_fraction * n) clipped to [1, n], as int32."""
@@ -51,8 +50,16 @@ def _float32_bits(x: jax.Array) -> jax.Array:
 
 
 def _suffix_sums(counts: jax.Array) -> jax.Array:
-  """Returns, per position, the sum of `counts` from there to the end."""
-  return jnp.cumsum(counts[::-1])[::-1]
+  """Returns, per position, the sum of 1-D `counts` from there to the end.
+
+  A window reduction as wide as the array is one XLA op of quadratic cost,
+  cheaper for a few hundred entries than `jnp.cumsum`, which XLA's CPU
+  backend runs as dozens of small scan steps.
+  """
+  size = counts.shape[0]
+  return jax.lax.reduce_window(
+      counts, 0, jax.lax.add, (size,), (1,), ((0, size - 1),)
+  )
 
 
 def _find_kth_largest_bucket(
@@ -61,78 +68,98 @@ def _find_kth_largest_bucket(
   """Finds the bucket holding the k-th largest value, from per-bucket counts.
 
   Searches in two levels (groups of `_GROUP` buckets, then buckets within
-  the group) because XLA lowers a cumulative sum over all 8192 buckets to a
-  quadratic-cost window reduction on CPU, slower than the FFTs of a small
-  leaf.
+  the group), so each suffix sum runs over a few hundred entries.
 
   Returns:
     The bucket's index, the count of values in higher buckets, and the count
     in the bucket itself.
   """
-  groups = counts.reshape(-1, _GROUP)
+  group_size = min(_GROUP, counts.shape[0])
+  groups = counts.reshape(-1, group_size)
   group_totals = jnp.sum(groups, axis=1)
   group_at_or_above = _suffix_sums(group_totals)
-  group = jnp.sum(group_at_or_above >= k) - 1
+  group = jnp.maximum(jnp.sum(group_at_or_above >= k) - 1, 0)
   above_group = group_at_or_above[group] - group_totals[group]
 
   in_group = jax.lax.dynamic_index_in_dim(groups, group, keepdims=False)
   at_or_above = _suffix_sums(in_group) + above_group
-  offset = jnp.sum(at_or_above >= k) - 1
+  offset = jnp.maximum(jnp.sum(at_or_above >= k) - 1, 0)
   in_bucket = in_group[offset]
-  return group * _GROUP + offset, at_or_above[offset] - in_bucket, in_bucket
+  return group * group_size + offset, at_or_above[offset] - in_bucket, in_bucket
 
 
 def histogram_threshold(
-    ema: jax.Array, keep_fraction: jax.Array, axis_names: tuple[str, ...] = ()
+    ema: jax.Array,
+    keep_fraction: jax.Array,
+    axis_names: tuple[str, ...] = (),
+    batch_axis: Optional[str] = None,
 ) -> jax.Array:
   """Returns a threshold that keeps about `keep_fraction` of `ema`, without sorting.
 
   A non-negative float32's bit pattern, read as an int32, grows with its
-  value, so its top 16 bits name a bucket of relative width 2**-8. One
-  scatter pass counts the coefficients per bucket, and a suffix sum over the
-  buckets finds the bucket holding the k-th largest value. If that bucket
-  holds at most `REFINE_SHARE` of the leaf, the threshold is interpolated
-  linearly (in bit space) inside it, so the kept count is off by less than
-  the bucket's count. Otherwise a second pass counts that bucket's members
-  by their low 15 bits and returns the exact k-th largest value. The
-  threshold is capped at the leaf's maximum, so at least one coefficient is
-  kept.
+  value, so the k-th largest value can be found digit by digit (a radix
+  select). A first scatter pass counts the coefficients per exponent, a
+  second counts those with the chosen exponent by their top 13 mantissa
+  bits, which gives a bucket of relative width 2**-13. If that bucket holds
+  at most `REFINE_SHARE` of the leaf, the threshold is interpolated linearly
+  (in bit space) inside it, so the kept count is off by less than the
+  bucket's count. Otherwise a third pass counts the bucket's members by
+  their last 10 bits and returns the exact k-th largest value. The threshold
+  is capped at the leaf's maximum, so at least one coefficient is kept. The
+  count arrays are small (256, 8192 and 1024 entries), so the cost stays
+  proportional to the leaf even for small leaves.
 
   Inside ``jax.shard_map``, `axis_names` names the mesh axes over which
-  `ema` is one shard: counts and maxima are then combined over all shards
-  (2**16 int32 per leaf, and 2**15 more when refining, cross the devices), so
-  every shard gets the threshold of the whole leaf.
+  `ema` is one shard: counts and maxima are then summed and taken over all
+  shards (about 9,500 int32 per leaf cross the devices), so every shard gets
+  the threshold of the whole leaf.
+
+  Under ``jax.vmap`` over several leaves, `batch_axis` names the mapped axis:
+  the third pass then runs for all of them when any leaf needs it, so it
+  stays a real branch instead of becoming a select that always runs it.
   """
   flat = ema.reshape(-1).astype(jnp.float32)
   n = flat.shape[0]
   if axis_names:
     n = n * jax.lax.psum(1, axis_names)
   k = _kept_count(keep_fraction, n)
+  # -0.0 reads as a negative int and lands in the lowest exponent bucket; NaN
+  # and Inf land in the highest, and their update is discarded anyway.
+  bits = jnp.maximum(_float32_bits(flat), 0)
 
-  def combine(counts):
+  def count_level(level, prefix_shift, prefix):
+    """Counts the values whose bits above `prefix_shift` equal `prefix`."""
+    shift, width = level
+    digits = jnp.right_shift(bits, shift) & ((1 << width) - 1)
+    if prefix_shift is not None:
+      digits = jnp.where(jnp.right_shift(bits, prefix_shift) == prefix, digits, 1 << width)
+    counts = jnp.zeros((1 << width,), jnp.int32).at[digits].add(1, mode="drop")
     return jax.lax.psum(counts, axis_names) if axis_names else counts
 
-  bits = _float32_bits(flat)
-  # -0.0 reads as a negative int and lands in bucket 0; NaN and Inf land at
-  # the top, and their update is discarded anyway.
-  coarse = jnp.clip(jnp.right_shift(bits, _BUCKET_SHIFT), 0, _NUM_BUCKETS - 1)
-  counts = combine(jnp.zeros((_NUM_BUCKETS,), jnp.int32).at[coarse].add(1))
-  bucket, above, in_bucket = _find_kth_largest_bucket(counts, k)
-  bucket_low_bits = jnp.left_shift(bucket, _BUCKET_SHIFT)
+  exponent, above, _ = _find_kth_largest_bucket(count_level(_EXPONENT_LEVEL, None, None), k)
+  prefix = exponent
+  digit, above_digit, in_bucket = _find_kth_largest_bucket(
+      count_level(_MANTISSA_LEVEL, _EXPONENT_LEVEL[0], prefix), k - above
+  )
+  above = above + above_digit
+  prefix = jnp.left_shift(prefix, _MANTISSA_LEVEL[1]) | digit
+  bucket_low_bits = jnp.left_shift(prefix, _MANTISSA_LEVEL[0])
+  bucket_width = 1 << _MANTISSA_LEVEL[0]
 
   def interpolate():
     share_to_keep = (k - above).astype(jnp.float32) / jnp.maximum(in_bucket, 1)
-    offset = (1.0 - share_to_keep) * float(_NUM_FINE_BUCKETS)
-    return bucket_low_bits + jnp.clip(offset, 0, _NUM_FINE_BUCKETS - 1).astype(jnp.int32)
+    offset = (1.0 - share_to_keep) * float(bucket_width)
+    return bucket_low_bits + jnp.clip(offset, 0, bucket_width - 1).astype(jnp.int32)
 
   def refine():
-    fine = jnp.where(coarse == bucket, bits & (_NUM_FINE_BUCKETS - 1), _NUM_FINE_BUCKETS)
-    fine_counts = jnp.zeros((_NUM_FINE_BUCKETS,), jnp.int32).at[fine].add(1, mode="drop")
-    offset, _, _ = _find_kth_largest_bucket(combine(fine_counts), k - above)
-    return bucket_low_bits + offset
+    counts = count_level(_LAST_LEVEL, _MANTISSA_LEVEL[0], prefix)
+    last, _, _ = _find_kth_largest_bucket(counts, k - above)
+    return bucket_low_bits + last
 
-  refine_above = jnp.maximum(REFINE_SHARE * n, 1.0)
-  threshold_bits = jax.lax.cond(in_bucket > refine_above, refine, interpolate)
+  needs_refine = in_bucket > jnp.maximum(REFINE_SHARE * n, 1.0)
+  if batch_axis is not None:
+    needs_refine = jax.lax.pmax(needs_refine.astype(jnp.int32), batch_axis) > 0
+  threshold_bits = jax.lax.cond(needs_refine, refine, interpolate)
   threshold_bits = jnp.minimum(threshold_bits, _INFINITY_BITS)
   threshold = jax.lax.bitcast_convert_type(threshold_bits, jnp.float32)
 
@@ -147,6 +174,7 @@ def select_threshold(
     keep_fraction: jax.Array,
     selection: Selection,
     axis_names: tuple[str, ...] = (),
+    batch_axis: Optional[str] = None,
 ) -> jax.Array:
   """Returns the threshold of `ema` for `keep_fraction` by `selection`.
 
@@ -157,4 +185,4 @@ def select_threshold(
     if axis_names:
       raise ValueError("selection='exact' is not available shard-locally; use 'histogram'.")
     return exact_threshold(ema, keep_fraction)
-  return histogram_threshold(ema, keep_fraction, axis_names)
+  return histogram_threshold(ema, keep_fraction, axis_names, batch_axis)

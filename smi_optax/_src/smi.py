@@ -167,6 +167,7 @@ def _filter_leaf(
     selection: selection_lib.Selection,
     recompute_threshold: Optional[jax.Array],
     axis_names: tuple[str, ...] = (),
+    batch_axis: Optional[str] = None,
 ) -> tuple[jax.Array, _LeafState]:
   """Runs the six SMI steps on one leaf.
 
@@ -178,6 +179,8 @@ def _filter_leaf(
       ``jax.shard_map``. Each shard is transformed on its own, but the
       threshold, the kept energy and the finiteness check cover the whole
       leaf. Empty outside ``shard_map``.
+    batch_axis: the ``jax.vmap`` axis name when several alike leaves are
+      filtered as one stack (see `_filter_alike`).
 
   Returns:
     The update and the leaf's new state. A non-finite `g` yields ``g`` itself
@@ -186,9 +189,6 @@ def _filter_leaf(
   ema = previous.ema
   layout = views_lib.make_layout(g.shape, view)
   g_compute = g.astype(_compute_dtype(g.dtype))
-  finite = jnp.all(jnp.isfinite(g_compute))
-  if axis_names:
-    finite = jax.lax.pmin(finite.astype(jnp.int32), axis_names).astype(bool)
 
   spectrum = views_lib.forward(g_compute, layout)
   magnitude = jnp.abs(spectrum)
@@ -196,7 +196,9 @@ def _filter_leaf(
   new_ema = beta * ema.astype(magnitude.dtype) + (1.0 - beta) * magnitude
 
   def select():
-    return selection_lib.select_threshold(new_ema, keep_fraction, selection, axis_names)
+    return selection_lib.select_threshold(
+        new_ema, keep_fraction, selection, axis_names, batch_axis
+    )
 
   if recompute_threshold is None:
     threshold = select()
@@ -210,19 +212,24 @@ def _filter_leaf(
   if axis_names:
     energies = jax.lax.psum(energies, axis_names)
   total_energy, kept_total = energies[0], energies[1]
+  # NaN or Inf anywhere in g makes every coefficient, so the total, non-finite.
+  # So does a finite g whose spectrum overflows float32 (magnitudes past
+  # about 1e19), which would otherwise leave an infinite EMA behind.
+  finite = jnp.isfinite(total_energy)
   kept_energy = jnp.where(
       total_energy > 0, kept_total / jnp.where(total_energy > 0, total_energy, 1.0), 1.0
   ).astype(jnp.float32)
 
   filtered = views_lib.inverse(jnp.where(mask, spectrum, 0), layout)
-  filtered = jnp.where(keep_fraction >= 1.0, g_compute, filtered)
 
   alpha = blend.max_blend * kept_energy if isinstance(blend, AdaptiveBlend) else blend
   alpha = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, 1.0)
   alpha_compute = alpha.astype(g_compute.dtype)
   blended = (1 - alpha_compute) * g_compute + alpha_compute * filtered
 
-  update = jnp.where(finite, blended.astype(g.dtype), g)
+  # keep_fraction 1 keeps every coefficient, so the gradient comes back as
+  # it is, without the FFT round trip's rounding.
+  update = jnp.where(finite & (keep_fraction < 1.0), blended.astype(g.dtype), g)
   return update, _LeafState(
       ema=jnp.where(finite, new_ema.astype(ema.dtype), ema),
       kept_energy=jnp.where(finite, kept_energy, previous.kept_energy),
@@ -284,8 +291,9 @@ def smi(
     min_size: leaves with fewer elements pass through; at least 1. ``None``
       means `DEFAULT_MIN_SIZE` (1024), which leaves biases and normalization
       scales of small models alone.
-    views: a tree of `SpectralView` (or ``None`` for the default view) shaped
-      like the parameters, or a function of the parameters returning one.
+    views: a `SpectralView` for every leaf, a tree of them (``None`` for the
+      default view) shaped like the parameters, or a function of the
+      parameters returning either.
       By default a vector is transformed in 1-D and a tensor of rank 2 or
       more as the matrix ``(prod(shape[:-1]), shape[-1])``.
     mask: a tree of booleans shaped like the parameters, or a function of the
@@ -340,6 +348,11 @@ def smi(
   """
   _check_range("keep_fraction", keep_fraction, 0.0, 1.0, closed_low=False, closed_high=True)
   _check_range("beta", beta, 0.0, 1.0)
+  if not _is_tracer(beta) and np.float32(beta) >= 1.0:
+    raise ValueError(
+        f"beta must be below 1 in float32, the precision of the EMA; got"
+        f" beta={beta!r}, which rounds to 1.0."
+    )
   if not callable(blend) and not isinstance(blend, AdaptiveBlend):
     _check_range("blend", blend, 0.0, 1.0, closed_high=True)
   if selection not in ("histogram", "exact"):
@@ -425,31 +438,80 @@ def smi(
         ),
         recompute_threshold=None if mask_every == 1 else state.count % mask_every == 0,
     )
-    new_updates, new_leaf_states = [], []
-    for g, leaf_state, view, spec in zip(leaves, leaf_states, view_leaves, spec_leaves):
-      if leaf_state is None:
-        new_updates.append(g)
-        new_leaf_states.append(None)
-        continue
-      if shard_local:
-        update, leaf_state = _filter_shard_local(
-            g, leaf_state, view, spec, mesh, mesh_shape, selection, options
+    new_updates, new_leaf_states = list(leaves), list(leaf_states)
+    if mesh is None:
+      for indices, view in _group_alike(leaves, leaf_states, view_leaves):
+        group_updates, group_states = _filter_alike(
+            [leaves[i] for i in indices], [leaf_states[i] for i in indices], view, selection, options
         )
-      else:
-        update, leaf_state = _filter_leaf(g, leaf_state, view, selection=selection, **options)
-        if mesh is not None:
+        for i, update, leaf_state in zip(indices, group_updates, group_states):
+          new_updates[i], new_leaf_states[i] = update, leaf_state
+    else:
+      for i, (g, leaf_state, view, spec) in enumerate(
+          zip(leaves, leaf_states, view_leaves, spec_leaves)
+      ):
+        if leaf_state is None:
+          continue
+        if shard_local:
+          update, leaf_state = _filter_shard_local(
+              g, leaf_state, view, spec, mesh, mesh_shape, selection, options
+          )
+        else:
+          update, leaf_state = _filter_leaf(g, leaf_state, view, selection=selection, **options)
           layout = views_lib.make_layout(g.shape, view)
           update = place(update, jax.sharding.PartitionSpec(*(spec or ())))
           leaf_state = leaf_state._replace(
               ema=place(leaf_state.ema, sharding_lib.global_ema_spec(layout, spec))
           )
-      new_updates.append(update)
-      new_leaf_states.append(leaf_state)
+        new_updates[i], new_leaf_states[i] = update, leaf_state
 
     new_state = _pack_state(optax.safe_increment(state.count), treedef, new_leaf_states)
     return treedef.unflatten(new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_LEAF_AXIS = "smi_leaves"
+
+
+def _group_alike(leaves: list, leaf_states: list, view_leaves: list) -> list:
+  """Groups the filtered leaves that share shape, dtype, layout and EMA dtype.
+
+  Returns:
+    (indices, view) per group, in order of first appearance.
+  """
+  groups: dict[Any, tuple[list[int], views_lib.SpectralView]] = {}
+  for i, (g, leaf_state, view) in enumerate(zip(leaves, leaf_states, view_leaves)):
+    if leaf_state is None:
+      continue
+    key = (g.shape, g.dtype, views_lib.make_layout(g.shape, view), leaf_state.ema.dtype)
+    groups.setdefault(key, ([], view))[0].append(i)
+  return list(groups.values())
+
+
+def _filter_alike(grads: list, leaf_states: list, view, selection, options):
+  """Filters leaves of one shape and layout, stacked into one array if several.
+
+  The leaves of a Transformer's repeated blocks share their shapes. Stacking
+  them runs each step of the filter as one batched operation instead of one
+  per leaf, which cuts the per-operation overhead that dominates the update
+  of small leaves on CPU (a 214k-parameter model's update ran about 1.4x
+  faster). Each leaf keeps its own threshold, energy and finiteness check.
+  """
+  if len(grads) == 1:
+    update, leaf_state = _filter_leaf(grads[0], leaf_states[0], view, selection=selection, **options)
+    return [update], [leaf_state]
+
+  def filter_one(g, leaf_state):
+    return _filter_leaf(g, leaf_state, view, selection=selection, batch_axis=_LEAF_AXIS, **options)
+
+  stacked_states = jax.tree.map(lambda *xs: jnp.stack(xs), *leaf_states)
+  updates, new_states = jax.vmap(filter_one, axis_name=_LEAF_AXIS)(jnp.stack(grads), stacked_states)
+  count = len(grads)
+  return (
+      [updates[i] for i in range(count)],
+      [jax.tree.map(lambda x, i=i: x[i], new_states) for i in range(count)],
+  )
 
 
 def _filter_shard_local(g, leaf_state, view, spec, mesh, mesh_shape, selection, options):
@@ -521,10 +583,13 @@ def _unpack_state(state: SMIState, treedef: Any) -> list:
 
 def _view_leaves(views: Optional[TreeOrFn], params: Any, treedef: Any, leaves: list) -> list:
   """Returns one `SpectralView` per leaf, defaults filled in."""
-  if views is None:
+  resolved = None if views is None else _resolve_tree(views, params)
+  if resolved is None:
     given = [None] * len(leaves)
+  elif isinstance(resolved, views_lib.SpectralView):
+    given = [resolved] * len(leaves)
   else:
-    given = treedef.flatten_up_to(_resolve_tree(views, params))
+    given = treedef.flatten_up_to(resolved)
   result = []
   for leaf, view in zip(leaves, given):
     if view is None:
