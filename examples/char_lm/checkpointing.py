@@ -116,18 +116,18 @@ def check_compatible(saved_config: dict, saved_digest: str, config, digest: str)
   for field in dataclasses.fields(config_lib.Config):
     if field.name in RESUMABLE_CHANGES:
       continue
-    here, saved = getattr(config, field.name), saved_config.get(field.name)
+    current, saved = getattr(config, field.name), saved_config.get(field.name)
     if field.name == 'text':
       if digest != saved_digest:
         raise ValueError(
-            f'{config_lib.flag_name("text")} is {_text_label(here)} but the checkpoint was '
+            f'{config_lib.flag_name("text")} is {_text_label(current)} but the checkpoint was '
             f'trained on {_text_label(saved)}, which has different content; '
             'pass the same text or start a new run without --resume'
         )
-    elif here != saved:
+    elif current != saved:
       flag = config_lib.flag_name(field.name)
       raise ValueError(
-          f'{flag} is {here!r} but the checkpoint has {saved!r}; pass {flag} {saved} '
+          f'{flag} is {current!r} but the checkpoint has {saved!r}; pass {flag} {saved} '
           'or start a new run without --resume'
       )
 
@@ -144,9 +144,9 @@ class TrainStateWriter:
 
     Args:
       directory: the run's CheckpointManager directory.
-      keep_existing: keep the steps already there (resuming in place);
-        otherwise delete the directory first, so a new run never mixes its
-        steps with those of an earlier run in the same --out.
+      keep_existing: keep the steps already there, to resume in place.
+        False deletes the directory first, so that a new run never mixes
+        its steps with those of an earlier run in the same --out.
     """
     if not keep_existing and directory.exists():
       shutil.rmtree(directory)
@@ -195,7 +195,7 @@ def restore_run(directory: Path, params_like, opt_state_like) -> SavedRun:
       their shardings.
 
   Raises:
-    ValueError: the directory holds no complete step.
+    ValueError: the directory contains no complete step.
   """
   import orbax.checkpoint as ocp
 
@@ -230,7 +230,7 @@ def restore_params(path: str | Path, like):
     The saved parameters, in the tree structure of `like`.
 
   Raises:
-    ValueError: `path` holds no complete checkpoint.
+    ValueError: `path` contains no complete checkpoint.
   """
   import orbax.checkpoint as ocp
 

@@ -18,7 +18,7 @@ along its first axis and the parameters and optimizer state are replicated.
 Outputs under `--out`: results.json, loss.png, smi_stats.png (with SMI),
 samples/<optimizer>.txt and Orbax checkpoints of the training state in
 checkpoints/<optimizer>/train_state, saved at every evaluation. `--resume DIR`
-continues from the newest of those; checkpointing.py says what they contain.
+continues from the newest of those; checkpointing.py describes their contents.
 """
 
 import dataclasses
@@ -281,7 +281,7 @@ class StopRequest:
 
 @dataclasses.dataclass
 class RunContext:
-  """What every run of an experiment shares besides the config."""
+  """Objects that every run of an experiment shares, besides the config."""
 
   corpus: data_lib.Corpus
   graphdef: object  # the model's nnx.GraphDef
@@ -641,7 +641,7 @@ def check_resume(config: config_lib.Config, text: str) -> None:
   """Check that --resume names a directory with a checkpoint written with compatible flags.
 
   Raises:
-    ValueError: the directory is missing, holds no complete checkpoint of
+    ValueError: the directory is missing, contains no complete checkpoint of
       any optimizer in `config.optimizers`, or one was written with a
       different value of a flag outside `checkpointing.RESUMABLE_CHANGES`.
   """
@@ -680,9 +680,9 @@ def main(argv: list[str] | None = None) -> Experiment:
   try:
     text = load_text(config)
     corpus = data_lib.build_corpus(text, config.block_size)
-    mesh = make_mesh(config.devices)
     if config.resume is not None:
       check_resume(config, text)
+    mesh = make_mesh(config.devices)
     out_dir = prepare_output_dir(config.out)
   except ValueError as error:
     parser.error(str(error))
