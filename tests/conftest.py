@@ -5,6 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+# The tests run small arrays through many distinct shapes, so compiling
+# dominates their time; XLA's unoptimized backend compiles several times
+# faster. Subprocesses inherit the flag. Set XLA_FLAGS yourself to override.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
+
 import numpy as np
 import pytest
 

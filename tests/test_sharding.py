@@ -43,7 +43,7 @@ _PRELUDE = textwrap.dedent(
 
 def _run(body: str) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   completed = subprocess.run(
       [sys.executable, "-c", _PRELUDE + textwrap.dedent(body)],
