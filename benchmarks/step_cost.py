@@ -15,6 +15,7 @@ import json
 import pathlib
 import resource
 import subprocess
+import tempfile
 import sys
 
 import jax
@@ -65,8 +66,9 @@ def build_steps(config: config_lib.Config, vocab_size: int):
 def measure_memory(steps: int) -> dict:
   """Runs a short training per optimizer in a subprocess; returns peak RSS in MiB."""
   result = {}
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix="step_cost_"))
   for name in config_lib.OPTIMIZERS:
-    out = common.RESULTS_DIR / "step_cost_runs" / name
+    out = scratch / name
     argv = [
         "--optimizer", name, "--steps", str(steps), "--eval-interval", str(steps),
         "--eval-iters", "2", "--out", str(out),
