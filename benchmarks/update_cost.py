@@ -6,6 +6,8 @@ Three jitted functions are timed in alternation in one process:
 * ``floor``: the AdamW update plus one ``rfft2``/``irfft2`` round trip of
   every leaf SMI filters, which is the work SMI cannot avoid.
 * ``smi_adamw``: ``smi_optax.smi_adamw(...).update``.
+* ``smi_adamw_reused_threshold``: the same with ``mask_every=8``, timed at
+  an update that reuses the last threshold (7 in 8 do).
 
 The script reports ``smi_adamw / floor`` (how close SMI is to its cost
 floor) and ``smi_adamw / adamw``, each the median of per-round ratios, for
@@ -71,10 +73,17 @@ def measure_tree(name: str, params, rounds: int, repeats: int, exact: bool) -> d
   def smi_update(g, state, p):
     return smi_adamw.update(g, state, p)
 
+  # With mask_every=8 the threshold is selected at one update in 8; starting
+  # from count 1 times the updates that reuse it.
+  every_tx = smi_optax.smi_adamw(1e-3, mask_every=8)
+  _, every_state = jax.jit(every_tx.update)(grads, every_tx.init(params), params)
+  every_update = jax.jit(every_tx.update)
+
   fns = {
       "adamw": lambda: adamw_update(grads, adamw_state, params),
       "floor": lambda: floor_update(grads, adamw_state, params),
       "smi_adamw": lambda: smi_update(grads, smi_state, params),
+      "smi_adamw_reused_threshold": lambda: every_update(grads, every_state, params),
   }
   if exact:
     exact_tx = smi_optax.smi_adamw(1e-3, selection="exact")
@@ -92,6 +101,9 @@ def measure_tree(name: str, params, rounds: int, repeats: int, exact: bool) -> d
       "smi_over_floor": common.paired_ratio(timings, "smi_adamw", "floor"),
       "smi_over_adamw": common.paired_ratio(timings, "smi_adamw", "adamw"),
       "floor_over_adamw": common.paired_ratio(timings, "floor", "adamw"),
+      "reused_threshold_over_floor": common.paired_ratio(
+          timings, "smi_adamw_reused_threshold", "floor"
+      ),
       "state_over_param_bytes_f32": state_bytes(smi_only.spectral_ema) / param_bytes,
       "state_over_param_bytes_bf16": state_bytes(bf16_state.spectral_ema) / param_bytes,
   }
@@ -102,7 +114,8 @@ def measure_tree(name: str, params, rounds: int, repeats: int, exact: bool) -> d
       f" {timings['adamw']['median_ms']:.2f} ms | floor"
       f" {timings['floor']['median_ms']:.2f} ms | smi_adamw"
       f" {timings['smi_adamw']['median_ms']:.2f} ms | smi/floor"
-      f" {result['smi_over_floor']:.3f} | smi/adamw {result['smi_over_adamw']:.2f}"
+      f" {result['smi_over_floor']:.3f} | reused threshold/floor"
+      f" {result['reused_threshold_over_floor']:.3f} | smi/adamw {result['smi_over_adamw']:.2f}"
       f" | EMA bytes/param bytes {result['state_over_param_bytes_f32']:.3f} (f32),"
       f" {result['state_over_param_bytes_bf16']:.3f} (bf16)"
   )

@@ -7,12 +7,15 @@ import jax.numpy as jnp
 
 Selection = Literal["histogram", "exact"]
 
-# Radix levels of the histogram selection, as (lowest bit, bit count) of the
-# float32 bit pattern: the exponent, then the top 13 mantissa bits (buckets of
-# relative width 2**-13), then the last 10 mantissa bits (single values).
-_EXPONENT_LEVEL = (23, 8)
-_MANTISSA_LEVEL = (10, 13)
-_LAST_LEVEL = (0, 10)
+# Radix digits of the histogram selection, as (lowest bit, bit count) of the
+# float32 bit pattern. The last digit is counted only when the bucket the
+# others single out is crowded. Small leaves take the exponent, then the top
+# 13 mantissa bits (buckets of relative width 2**-13), then the last 10 bits,
+# so the count arrays stay small next to the leaf. Large leaves take the top
+# 16 bits at once (relative width 2**-8), then the last 15, saving a pass.
+_SMALL_LEAF_DIGITS = ((23, 8), (10, 13), (0, 10))
+_LARGE_LEAF_DIGITS = ((15, 16), (0, 15))
+_LARGE_LEAF = 1 << 16  # coefficients
 _INFINITY_BITS = 0x7F800000
 _GROUP = 256  # buckets per group in the two-level search
 
@@ -98,21 +101,20 @@ def histogram_threshold(
 
   A non-negative float32's bit pattern, read as an int32, grows with its
   value, so the k-th largest value can be found digit by digit (a radix
-  select). A first scatter pass counts the coefficients per exponent, a
-  second counts those with the chosen exponent by their top 13 mantissa
-  bits, which gives a bucket of relative width 2**-13. If that bucket holds
-  at most `REFINE_SHARE` of the leaf, the threshold is interpolated linearly
-  (in bit space) inside it, so the kept count is off by less than the
-  bucket's count. Otherwise a third pass counts the bucket's members by
-  their last 10 bits and returns the exact k-th largest value. The threshold
-  is capped at the leaf's maximum, so at least one coefficient is kept. The
-  count arrays are small (256, 8192 and 1024 entries), so the cost stays
-  proportional to the leaf even for small leaves.
+  select). Scatter passes count the coefficients by their leading digits
+  (see `_SMALL_LEAF_DIGITS` and `_LARGE_LEAF_DIGITS`), each pass within the
+  bucket the previous one chose, down to a bucket of relative width 2**-13
+  (small leaves) or 2**-8 (large leaves). If that bucket holds at most
+  `REFINE_SHARE` of the leaf, the threshold is interpolated linearly (in bit
+  space) inside it, so the kept count is off by less than the bucket's
+  count. Otherwise one more pass counts the bucket's members by their last
+  bits and returns the exact k-th largest value. The threshold is capped at
+  the leaf's maximum, so at least one coefficient is kept.
 
   Inside ``jax.shard_map``, `axis_names` names the mesh axes over which
   `ema` is one shard: counts and maxima are then summed and taken over all
-  shards (about 9,500 int32 per leaf cross the devices), so every shard gets
-  the threshold of the whole leaf.
+  shards (at most about 2**16 int32 per leaf cross the devices), so every
+  shard gets the threshold of the whole leaf.
 
   Under ``jax.vmap`` over several leaves, `batch_axis` names the mapped axis:
   the third pass then runs for all of them when any leaf needs it, so it
@@ -123,28 +125,30 @@ def histogram_threshold(
   if axis_names:
     n = n * jax.lax.psum(1, axis_names)
   k = _kept_count(keep_fraction, n)
-  # -0.0 reads as a negative int and lands in the lowest exponent bucket; NaN
-  # and Inf land in the highest, and their update is discarded anyway.
+  # -0.0 reads as a negative int and lands in the lowest bucket; NaN and Inf
+  # land in the highest, and their update is discarded anyway.
   bits = jnp.maximum(_float32_bits(flat), 0)
 
-  def count_level(level, prefix_shift, prefix):
-    """Counts the values whose bits above `prefix_shift` equal `prefix`."""
-    shift, width = level
+  def count_digit(digit, prefix_shift, prefix):
+    """Counts by `digit` the values whose bits above `prefix_shift` equal `prefix`."""
+    shift, width = digit
     digits = jnp.right_shift(bits, shift) & ((1 << width) - 1)
     if prefix_shift is not None:
       digits = jnp.where(jnp.right_shift(bits, prefix_shift) == prefix, digits, 1 << width)
     counts = jnp.zeros((1 << width,), jnp.int32).at[digits].add(1, mode="drop")
     return jax.lax.psum(counts, axis_names) if axis_names else counts
 
-  exponent, above, _ = _find_kth_largest_bucket(count_level(_EXPONENT_LEVEL, None, None), k)
-  prefix = exponent
-  digit, above_digit, in_bucket = _find_kth_largest_bucket(
-      count_level(_MANTISSA_LEVEL, _EXPONENT_LEVEL[0], prefix), k - above
-  )
-  above = above + above_digit
-  prefix = jnp.left_shift(prefix, _MANTISSA_LEVEL[1]) | digit
-  bucket_low_bits = jnp.left_shift(prefix, _MANTISSA_LEVEL[0])
-  bucket_width = 1 << _MANTISSA_LEVEL[0]
+  *leading, last = _LARGE_LEAF_DIGITS if flat.shape[0] >= _LARGE_LEAF else _SMALL_LEAF_DIGITS
+  prefix, prefix_shift, above = jnp.zeros([], jnp.int32), None, jnp.zeros([], jnp.int32)
+  for digit in leading:
+    value, above_digit, in_bucket = _find_kth_largest_bucket(
+        count_digit(digit, prefix_shift, prefix), k - above
+    )
+    above = above + above_digit
+    prefix = jnp.left_shift(prefix, digit[1]) | value
+    prefix_shift = digit[0]
+  bucket_low_bits = jnp.left_shift(prefix, prefix_shift)
+  bucket_width = 1 << prefix_shift
 
   def interpolate():
     share_to_keep = (k - above).astype(jnp.float32) / jnp.maximum(in_bucket, 1)
@@ -152,9 +156,8 @@ def histogram_threshold(
     return bucket_low_bits + jnp.clip(offset, 0, bucket_width - 1).astype(jnp.int32)
 
   def refine():
-    counts = count_level(_LAST_LEVEL, _MANTISSA_LEVEL[0], prefix)
-    last, _, _ = _find_kth_largest_bucket(counts, k - above)
-    return bucket_low_bits + last
+    value, _, _ = _find_kth_largest_bucket(count_digit(last, prefix_shift, prefix), k - above)
+    return bucket_low_bits + value
 
   needs_refine = in_bucket > jnp.maximum(REFINE_SHARE * n, 1.0)
   if batch_axis is not None:

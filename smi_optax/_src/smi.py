@@ -473,9 +473,17 @@ def smi(
 
 _LEAF_AXIS = "smi_leaves"
 
+# Leaves up to this many elements are stacked with alike leaves. On XLA's CPU
+# backend a batched FFT of larger leaves ran slower than separate FFTs (6 x
+# (384, 1536): 27 ms against 20 ms), while for small leaves stacking saves
+# per-operation overhead (4 x (64, 256): 0.25 ms against 0.39 ms).
+_STACK_MAX_SIZE = 1 << 17
+
 
 def _group_alike(leaves: list, leaf_states: list, view_leaves: list) -> list:
   """Groups the filtered leaves that share shape, dtype, layout and EMA dtype.
+
+  Leaves larger than `_STACK_MAX_SIZE` elements each form their own group.
 
   Returns:
     (indices, view) per group, in order of first appearance.
@@ -485,6 +493,8 @@ def _group_alike(leaves: list, leaf_states: list, view_leaves: list) -> list:
     if leaf_state is None:
       continue
     key = (g.shape, g.dtype, views_lib.make_layout(g.shape, view), leaf_state.ema.dtype)
+    if g.size > _STACK_MAX_SIZE:
+      key = (i,)
     groups.setdefault(key, ([], view))[0].append(i)
   return list(groups.values())
 
