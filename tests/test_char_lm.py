@@ -307,6 +307,7 @@ BAD_INPUT_CASES = {
     'negative batch': (['--batch-size', '-2'], '--batch-size must be an integer >= 1'),
     'zero eval interval': (['--eval-interval', '0'], '--eval-interval must be'),
     'zero eval iters': (['--eval-iters', '0'], '--eval-iters must be'),
+    'zero mask every': (['--mask-every', '0'], '--mask-every must be an integer >= 1'),
     'non-integer steps': (['--steps', '1.5'], "argument --steps: invalid int value: '1.5'"),
     'head not dividing': (['--n-head', '5'], '--n-head 5 does not divide --d-model 64'),
     'zero lr': (['--lr', '0'], '--lr must be a finite number > 0'),

@@ -140,6 +140,7 @@ def make_optimizer(name: str, config: config_lib.Config, mesh=None):
         keep_fraction=config.keep_fraction,
         beta=config.beta,
         blend=config.blend,
+        mask_every=config.mask_every,
         b1=config.b1,
         b2=config.b2,
         weight_decay=config.weight_decay,
