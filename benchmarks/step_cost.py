@@ -58,7 +58,7 @@ def build_steps(config: config_lib.Config, vocab_size: int):
   steps = {}
   for name in config_lib.OPTIMIZERS:
     optimizer = train_lib.make_optimizer(name, config)
-    train_step, _ = train_lib.make_step_functions(graphdef, optimizer, config.seed)
+    train_step = train_lib.make_train_step(graphdef, optimizer, config.seed)
     steps[name] = (train_step, params, optimizer.init(params))
   return steps
 
@@ -71,7 +71,7 @@ def measure_memory(steps: int) -> dict:
     out = scratch / name
     argv = [
         "--optimizer", name, "--steps", str(steps), "--eval-interval", str(steps),
-        "--eval-iters", "2", "--out", str(out),
+        "--eval-iters", "2", "--warmup-steps", "0", "--out", str(out),
     ]
     script = _MEMORY_SCRIPT.format(example_dir=str(_EXAMPLE_DIR), argv=argv)
     completed = subprocess.run(
