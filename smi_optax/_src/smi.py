@@ -439,31 +439,28 @@ def smi(
         recompute_threshold=None if mask_every == 1 else state.count % mask_every == 0,
     )
     new_updates, new_leaf_states = list(leaves), list(leaf_states)
-    if mesh is None:
+    if shard_local:
+      for i, (g, leaf_state, view, spec) in enumerate(
+          zip(leaves, leaf_states, view_leaves, spec_leaves)
+      ):
+        if leaf_state is not None:
+          new_updates[i], new_leaf_states[i] = _filter_shard_local(
+              g, leaf_state, view, spec, mesh, mesh_shape, selection, options
+          )
+    else:
       for indices, view in _group_alike(leaves, leaf_states, view_leaves):
         group_updates, group_states = _filter_alike(
             [leaves[i] for i in indices], [leaf_states[i] for i in indices], view, selection, options
         )
         for i, update, leaf_state in zip(indices, group_updates, group_states):
+          if mesh is not None:
+            spec = spec_leaves[i]
+            layout = views_lib.make_layout(update.shape, view_leaves[i])
+            update = place(update, jax.sharding.PartitionSpec(*(spec or ())))
+            leaf_state = leaf_state._replace(
+                ema=place(leaf_state.ema, sharding_lib.global_ema_spec(layout, spec))
+            )
           new_updates[i], new_leaf_states[i] = update, leaf_state
-    else:
-      for i, (g, leaf_state, view, spec) in enumerate(
-          zip(leaves, leaf_states, view_leaves, spec_leaves)
-      ):
-        if leaf_state is None:
-          continue
-        if shard_local:
-          update, leaf_state = _filter_shard_local(
-              g, leaf_state, view, spec, mesh, mesh_shape, selection, options
-          )
-        else:
-          update, leaf_state = _filter_leaf(g, leaf_state, view, selection=selection, **options)
-          layout = views_lib.make_layout(g.shape, view)
-          update = place(update, jax.sharding.PartitionSpec(*(spec or ())))
-          leaf_state = leaf_state._replace(
-              ema=place(leaf_state.ema, sharding_lib.global_ema_spec(layout, spec))
-          )
-        new_updates[i], new_leaf_states[i] = update, leaf_state
 
     new_state = _pack_state(optax.safe_increment(state.count), treedef, new_leaf_states)
     return treedef.unflatten(new_updates), new_state
