@@ -55,9 +55,9 @@ def _float32_bits(x: jax.Array) -> jax.Array:
 def _suffix_sums(counts: jax.Array) -> jax.Array:
   """Returns, per position, the sum of 1-D `counts` from there to the end.
 
-  A window reduction as wide as the array is one XLA op of quadratic cost,
-  cheaper for a few hundred entries than `jnp.cumsum`, which XLA's CPU
-  backend runs as dozens of small scan steps.
+  On XLA's CPU backend a window reduction as wide as the array compiled to
+  fewer operations than `jnp.cumsum`, which runs as dozens of small scan
+  steps, and the arrays here have at most a few hundred entries.
   """
   size = counts.shape[0]
   return jax.lax.reduce_window(
