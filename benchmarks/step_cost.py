@@ -23,12 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # pylint: disable=wrong-import-position
+import trees  # pylint: disable=wrong-import-position
 
 _EXAMPLE_DIR = common.REPO_ROOT / "examples" / "char_lm"
 sys.path.insert(0, str(_EXAMPLE_DIR))
 import config as config_lib  # pylint: disable=wrong-import-position
 import data as data_lib  # pylint: disable=wrong-import-position
-import model as model_lib  # pylint: disable=wrong-import-position
 import train as train_lib  # pylint: disable=wrong-import-position
 
 _MEMORY_SCRIPT = """
@@ -44,16 +44,7 @@ def build_steps(config: config_lib.Config, vocab_size: int):
   """Returns per-optimizer (train_step, params, opt_state) from one initialization."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  model = model_lib.GPT(
-      vocab_size,
-      config.block_size,
-      n_layer=config.n_layer,
-      n_head=config.n_head,
-      d_model=config.d_model,
-      dropout=config.dropout,
-      rngs=nnx.Rngs(config.seed),
-  )
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(trees.example_model(vocab_size, config.seed))
   params = nnx.to_pure_dict(params)
   steps = {}
   for name in config_lib.OPTIMIZERS:

@@ -40,12 +40,8 @@ def gpt_params(n_layer: int, d_model: int, vocab: int, block: int) -> dict:
   return params
 
 
-def example_model_params(vocab_size: int = 65) -> dict:
-  """Returns the parameters of the char-LM example's model at its default config.
-
-  The default corpus's vocabulary size changes only the embedding and output
-  rows, so a fixed `vocab_size` stands in for reading the corpus.
-  """
+def example_model(vocab_size: int, seed: int = 0):
+  """Returns the char-LM example's model (a Flax NNX module) at its default config."""
   if str(_EXAMPLE_DIR) not in sys.path:
     sys.path.insert(0, str(_EXAMPLE_DIR))
   import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -53,14 +49,24 @@ def example_model_params(vocab_size: int = 65) -> dict:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   config = config_lib.Config()
-  model = model_lib.GPT(
+  return model_lib.GPT(
       vocab_size,
       config.block_size,
       n_layer=config.n_layer,
       n_head=config.n_head,
       d_model=config.d_model,
       dropout=config.dropout,
-      rngs=nnx.Rngs(0),
+      rngs=nnx.Rngs(seed),
   )
-  params = nnx.state(model, nnx.Param)
+
+
+def example_model_params(vocab_size: int = 65) -> dict:
+  """Returns the parameters of the char-LM example's model at its default config.
+
+  The default corpus's vocabulary size changes only the embedding and output
+  rows, so a fixed `vocab_size` stands in for reading the corpus.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  params = nnx.state(example_model(vocab_size), nnx.Param)
   return jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
