@@ -59,7 +59,7 @@ def adaptive_blend(max_blend: float = 0.5) -> AdaptiveBlend:
 class SMIState(NamedTuple):
   """State of `smi`.
 
-  The three trees have the structure of the parameters; leaves that SMI does
+  The four trees have the structure of the parameters; leaves that SMI does
   not filter hold ``None``.
 
   Attributes:
