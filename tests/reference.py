@@ -76,19 +76,6 @@ def from_view(viewed: np.ndarray, shape: tuple[int, ...], view: View) -> np.ndar
   return np.transpose(moved, np.argsort(order))
 
 
-def energy_weights(cols: int) -> np.ndarray:
-  """Return the weight of each rfft column in the energy of the full spectrum.
-
-  Columns 1 .. cols // 2 stand for themselves and their conjugates, so they
-  count twice, except the Nyquist column when cols is even.
-  """
-  weights = np.full(cols // 2 + 1, 2.0)
-  weights[0] = 1.0
-  if cols % 2 == 0:
-    weights[-1] = 1.0
-  return weights
-
-
 def exact_threshold(magnitudes: np.ndarray, keep_fraction: float) -> float:
   """Return the k-th largest value, with k = clip(round(keep_fraction * n), 1, n)."""
   n = magnitudes.size
@@ -165,9 +152,9 @@ def update_leaf(grad: np.ndarray, ema: np.ndarray, *, keep_fraction: float,
     inverse = np.fft.irfft2(spectrum * keep, s=viewed.shape[1:])
     filtered = from_view(inverse, grad.shape, view)
 
-  weighted = energy_weights(viewed.shape[-1]) * magnitude**2
-  total = weighted.sum()
-  kept_energy = float((weighted * keep).sum() / total) if total > 0 else 1.0
+  # The share of spectral energy kept, by Parseval's theorem ||f||^2 / ||g||^2.
+  total = float(np.sum(grad**2))
+  kept_energy = float(np.sum(filtered**2) / total) if total > 0 else 1.0
   alpha = _alpha(blend, count, kept_energy)
   update = (1.0 - alpha) * grad + alpha * filtered
   return update, new_ema, kept_energy, alpha, margin

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import math
+import shlex
 import signal
 import statistics
 import sys
@@ -592,7 +593,7 @@ def run_experiment(
     print(
         f'train.py: stopped by {context.stop.signal_name} after step {run.last_step} of {name}, '
         f'which is saved in {checkpointing.train_state_dir(out_dir, name)}; '
-        f'continue with --resume {out_dir}',
+        f'continue with: {resume_command(config, out_dir)}',
         file=sys.stderr,
         flush=True,
     )
@@ -606,7 +607,7 @@ def run_experiment(
       final_params[name] = finished[name].params
     print(
         f'stopped after step {config.stop_after} as --stop-after asks; '
-        f'continue with --resume {out_dir}',
+        f'continue with: {resume_command(config, out_dir)}',
         flush=True,
     )
     return Experiment(results={}, params=final_params)
@@ -636,6 +637,18 @@ def run_experiment(
   print(format_table(runs, entropy))
   print(f'wrote {", ".join(written)}, samples/ and checkpoints/ in {out_dir}')
   return Experiment(results=results, params=final_params)
+
+
+def resume_command(config: config_lib.Config, out_dir: Path) -> str:
+  """Return the command line that resumes this run: its non-default flags and --resume."""
+  skipped = {'out', 'resume', 'stop_after'}
+  parts = ['python', 'examples/char_lm/train.py']
+  for field in dataclasses.fields(config_lib.Config):
+    value = getattr(config, field.name)
+    if field.name in skipped or value == field.default:
+      continue
+    parts += [config_lib.flag_name(field.name), shlex.quote(str(value))]
+  return ' '.join(parts + ['--resume', shlex.quote(str(out_dir))])
 
 
 def check_resume(config: config_lib.Config, text: str) -> None:

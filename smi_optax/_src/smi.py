@@ -8,7 +8,6 @@ Intelligence 8, 2025, doi:10.3389/frai.2025.1628943.
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +27,9 @@ TreeOrFn = Union[Any, Callable[[Any], Any]]
 class AdaptiveBlend(NamedTuple):
   """Blend rule ``alpha = max_blend * kept_energy``, one alpha per leaf.
 
-  ``kept_energy`` is the share of the leaf's spectral energy (sum of squared
-  coefficient magnitudes, Parseval-weighted) that the mask keeps at this step.
+  ``kept_energy`` is the share of the leaf's spectral energy that the mask
+  keeps at this step, computed by Parseval's theorem as
+  ``||filtered||^2 / ||g||^2``.
   A leaf whose energy sits mostly in the kept coefficients gets nearly
   ``max_blend``. A leaf whose mask would discard much of the gradient's
   energy leans on the raw gradient instead.
@@ -74,7 +74,7 @@ class SMIState(NamedTuple):
       finite step, reused between recomputations when ``mask_every > 1``.
   """
 
-  count: chex.Array
+  count: jax.Array
   spectral_ema: Any
   kept_energy: Any
   blend: Any
@@ -207,20 +207,23 @@ def _filter_leaf(
   # Compare in float32, the precision the threshold was chosen in.
   mask = new_ema.astype(jnp.float32) >= threshold
 
-  power = magnitude * magnitude * views_lib.energy_weights(layout)
-  energies = jnp.stack([jnp.sum(power), jnp.sum(jnp.where(mask, power, 0.0))])
+  filtered = views_lib.inverse(jnp.where(mask, spectrum, 0), layout)
+
+  # By Parseval's theorem the squared norms of g and of the filtered gradient
+  # are their spectral energies, so their ratio is the share of spectral
+  # energy the mask keeps. Summing in the spatial domain fuses with passes
+  # that run anyway, where sums over the spectrum cost a pass of their own.
+  energies = jnp.stack([jnp.sum(g_compute * g_compute), jnp.sum(filtered * filtered)])
   if axis_names:
     energies = jax.lax.psum(energies, axis_names)
   total_energy, kept_total = energies[0], energies[1]
-  # NaN or Inf anywhere in g makes every coefficient, so the total, non-finite.
-  # So does a finite g whose spectrum overflows float32 (magnitudes past
-  # about 1e19), which would otherwise leave an infinite EMA behind.
-  finite = jnp.isfinite(total_energy)
+  # NaN or Inf anywhere in g makes the total non-finite. A finite g whose
+  # spectrum or energy overflows float32 makes one of the sums infinite, and
+  # would otherwise leave an infinite EMA behind.
+  finite = jnp.isfinite(total_energy) & jnp.isfinite(kept_total)
   kept_energy = jnp.where(
       total_energy > 0, kept_total / jnp.where(total_energy > 0, total_energy, 1.0), 1.0
   ).astype(jnp.float32)
-
-  filtered = views_lib.inverse(jnp.where(mask, spectrum, 0), layout)
 
   alpha = blend.max_blend * kept_energy if isinstance(blend, AdaptiveBlend) else blend
   alpha = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, 1.0)

@@ -107,16 +107,3 @@ def inverse(spectrum: jax.Array, layout: Layout) -> jax.Array:
   x = x.reshape(layout.permuted_shape)
   inverse_permutation = tuple(sorted(range(len(layout.permutation)), key=layout.permutation.__getitem__))
   return jnp.transpose(x, inverse_permutation)
-
-
-def energy_weights(layout: Layout) -> jax.Array:
-  """Returns per-column Parseval weights of the half spectrum.
-
-  Columns 1 .. ceil(cols / 2) - 1 stand for a conjugate pair and count twice;
-  column 0 and, for an even `cols`, the Nyquist column count once.
-  """
-  half = layout.cols // 2 + 1
-  weights = jnp.full((half,), 2.0, jnp.float32).at[0].set(1.0)
-  if layout.cols % 2 == 0:
-    weights = weights.at[-1].set(1.0)
-  return weights
