@@ -1,4 +1,4 @@
-"""How the SMI update time grows with leaf size, from 1e3 to 1e7 elements.
+"""Growth of the SMI update time with leaf size, from 1e3 to 1e7 elements.
 
 For each size the script times, in alternation, the jitted ``smi`` update of
 one square-ish float32 leaf and the bare ``rfft2``/``irfft2`` round trip of
@@ -57,7 +57,12 @@ def main() -> None:
     layout = views_lib.make_layout(shape, views_lib.default_view(2))
     round_trip = jax.jit(lambda g: views_lib.inverse(views_lib.forward(g, layout), layout))
     # Fewer calls per timing for the big leaves keeps the run short.
-    repeats = 20 if n <= 1e5 else 5 if n <= 1e6 else 2
+    if n <= 1e5:
+      repeats = 20
+    elif n <= 1e6:
+      repeats = 5
+    else:
+      repeats = 2
     timings = common.time_alternating(
         {
             "smi": lambda: smi_update(grad, state),

@@ -11,8 +11,8 @@ all-gather, all-reduce, all-to-all, reduce-scatter and collective-permute
 operations.
 
 Host CPU "devices" share the same cores and memory, so the times show the
-cost of the extra work and copies, not of a real interconnect; the bytes are
-what would cross one.
+cost of the extra work and copies, not of a real interconnect. The bytes
+are what would cross one.
 
 Usage:
   python benchmarks/sharding.py [--rounds 5]

@@ -64,7 +64,7 @@ def example_model_params(vocab_size: int = 65) -> dict:
   """Returns the parameters of the char-LM example's model at its default config.
 
   The default corpus's vocabulary size changes only the embedding and output
-  rows, so a fixed `vocab_size` stands in for reading the corpus.
+  rows, so a fixed `vocab_size` replaces reading the corpus.
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
