@@ -88,3 +88,20 @@ def write_json(name: str, payload: dict[str, Any], out_dir: pathlib.Path) -> pat
   path = out_dir / f"{name}.json"
   path.write_text(json.dumps(payload, indent=2) + "\n")
   return path
+
+
+def pyplot():
+  """Returns matplotlib.pyplot on the non-interactive Agg backend."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  return plt
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Writes `fig` to `path` as a PNG and closes it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)

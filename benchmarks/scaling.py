@@ -87,17 +87,19 @@ def main() -> None:
   sizes = np.array([r["elements"] for r in rows], float)
   smi_ms = np.array([r["smi_ms"] for r in rows])
   fft_ms = np.array([r["fft_round_trip_ms"] for r in rows])
-  large = sizes >= 1e5
+  # Fit from 1e5 up, or over every size when fewer than two reach 1e5.
+  fit_min_elements = 1e5 if np.sum(sizes >= 1e5) >= 2 else float(sizes.min())
+  large = sizes >= fit_min_elements
   result = {
       "rows": rows,
-      "fit_min_elements": 1e5,
+      "fit_min_elements": fit_min_elements,
       "smi_exponent": fit_exponent(sizes[large], smi_ms[large]),
       "fft_round_trip_exponent": fit_exponent(sizes[large], fft_ms[large]),
       # n log n between 1e5 and 1e7 looks like n^k with this k.
       "n_log_n_exponent": fit_exponent(sizes[large], sizes[large] * np.log(sizes[large])),
   }
   print(
-      f"fitted exponent (n >= 1e5): smi {result['smi_exponent']:.3f}, FFT round trip"
+      f"fitted exponent (n >= {fit_min_elements:.0e}): smi {result['smi_exponent']:.3f}, FFT round trip"
       f" {result['fft_round_trip_exponent']:.3f}, n log n {result['n_log_n_exponent']:.3f}"
   )
   path = common.write_json("scaling", result, args.out)
@@ -106,10 +108,7 @@ def main() -> None:
 
 
 def plot(sizes, smi_ms, fft_ms, result, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = common.pyplot()
 
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.loglog(sizes, smi_ms, "o-", label=f"smi update (k={result['smi_exponent']:.2f})")
@@ -120,9 +119,7 @@ def plot(sizes, smi_ms, fft_ms, result, path: pathlib.Path) -> None:
   ax.set_ylabel("time per update (ms, median)")
   ax.set_title(f"SMI update scaling on {jax.default_backend()}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

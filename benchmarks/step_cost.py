@@ -126,19 +126,14 @@ def main() -> None:
 
 
 def plot(per_step: dict, ratio: float, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = common.pyplot()
 
   fig, ax = plt.subplots(figsize=(4.5, 3.5))
   names = list(per_step)
   ax.bar(names, [per_step[n] for n in names], color=["tab:blue", "tab:orange"])
   ax.set_ylabel("median ms per training step")
   ax.set_title(f"char-LM step on {jax.default_backend()}: smi/adamw {ratio:.3f}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

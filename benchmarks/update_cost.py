@@ -145,10 +145,7 @@ def main() -> None:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Draws a bar chart of the median update times per tree."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = common.pyplot()
 
   names = list(results)
   kinds = ["adamw", "floor", "smi_adamw"]
@@ -161,9 +158,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   ax.set_ylabel("update time (ms, median)")
   ax.set_title(f"Update cost on {jax.default_backend()}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
