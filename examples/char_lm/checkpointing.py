@@ -185,6 +185,24 @@ def _abstract(tree):
   return jax.tree.map(to_struct, tree)
 
 
+def _restore_latest(directory: Path, **items) -> tuple[int, dict]:
+  """Restore `items` (Orbax restore args by name) from the newest complete step.
+
+  Raises:
+    ValueError: the directory contains no complete step.
+  """
+  import orbax.checkpoint as ocp
+
+  step = latest_step(directory)
+  if step is None:
+    raise ValueError(f'no complete checkpoint in {directory}')
+  manager = _open_manager(directory, read_only=True)
+  try:
+    return step, manager.restore(step, args=ocp.args.Composite(**items))
+  finally:
+    manager.close()
+
+
 def restore_run(directory: Path, params_like, opt_state_like) -> SavedRun:
   """Restore the newest complete step of a run.
 
@@ -199,21 +217,12 @@ def restore_run(directory: Path, params_like, opt_state_like) -> SavedRun:
   """
   import orbax.checkpoint as ocp
 
-  step = latest_step(directory)
-  if step is None:
-    raise ValueError(f'no complete checkpoint in {directory}')
-  manager = _open_manager(directory, read_only=True)
-  try:
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params_like)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-  finally:
-    manager.close()
+  step, restored = _restore_latest(
+      directory,
+      params=ocp.args.StandardRestore(_abstract(params_like)),
+      opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
+      meta=ocp.args.JsonRestore(),
+  )
   return SavedRun(step, restored['params'], restored['opt_state'], restored['meta'])
 
 
@@ -234,15 +243,7 @@ def restore_params(path: str | Path, like):
   """
   import orbax.checkpoint as ocp
 
-  directory = Path(path) / 'train_state'
-  step = latest_step(directory)
-  if step is None:
-    raise ValueError(f'no complete checkpoint in {directory}')
-  manager = _open_manager(directory, read_only=True)
-  try:
-    restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
-    )
-  finally:
-    manager.close()
+  _, restored = _restore_latest(
+      Path(path) / 'train_state', params=ocp.args.StandardRestore(_abstract(like))
+  )
   return restored['params']

@@ -510,7 +510,7 @@ def format_table(runs: dict[str, dict], unigram_entropy: float) -> str:
 
 @dataclasses.dataclass
 class Experiment:
-  """What `run_experiment` returns: the results.json content and the final parameters."""
+  """Result of `run_experiment`: the results.json content and the final parameters."""
 
   results: dict
   params: dict[str, dict]  # optimizer name -> final parameters

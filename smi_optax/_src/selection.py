@@ -104,7 +104,7 @@ def histogram_threshold(
   select). Scatter passes count the coefficients by their leading digits
   (see `_SMALL_LEAF_DIGITS` and `_LARGE_LEAF_DIGITS`), each pass within the
   bucket the previous one chose, down to a bucket of relative width 2**-13
-  (small leaves) or 2**-8 (large leaves). If that bucket holds at most
+  (small leaves) or 2**-8 (large leaves). If that bucket contains at most
   `REFINE_SHARE` of the leaf, the threshold is interpolated linearly (in bit
   space) inside it, so the kept count is off by less than the bucket's
   count. Otherwise one more pass counts the bucket's members by their last

@@ -104,7 +104,7 @@ def local_ema_layout(
 ) -> tuple[tuple[int, ...], PartitionSpec]:
   """Returns the global shape and spec of a shard-locally filtered EMA.
 
-  Each shard's spectrum has ``layout_of_shard.spectrum_shape``; the global
+  Each shard's spectrum has ``layout_of_shard.spectrum_shape``. The global
   array stacks them along every sharded dimension in mesh order, so the row
   and column dimensions carry all mesh axes of the row and column axes.
   """

@@ -303,13 +303,14 @@ def smi(
       parameters returning one (as in `optax.masked`); leaves marked False
       pass through.
     selection: ``"histogram"`` (default) finds the threshold by a radix
-      select over the float32 bit patterns of the spectral EMA: two or three
-      histogram passes, then interpolation inside a bucket of relative width
-      2**-13 (2**-8 for leaves of 65,536 coefficients or more). A bucket with
-      over 0.5% of the leaf is counted exactly. Its kept fraction stays
-      within 0.005 of ``keep_fraction`` on leaves of 1,000 coefficients or
-      more. ``"exact"`` sorts every coefficient, several times the cost of
-      the FFTs, and is meant for tests and reference runs.
+      select over the float32 bit patterns of the spectral EMA. Two or three
+      histogram passes narrow it to a bucket of relative width 2**-13
+      (2**-8 for leaves of 65,536 coefficients or more), and the threshold
+      is interpolated inside it. A bucket with over 0.5% of the leaf is
+      counted exactly. The kept fraction stays within 0.005 of
+      ``keep_fraction`` on leaves of 1,000 coefficients or more.
+      ``"exact"`` sorts every coefficient, several times the cost of the
+      FFTs, and is meant for tests and reference runs.
     ema_dtype: dtype of the spectral EMA; ``None`` means float32. Pass
       ``"bfloat16"`` to halve its memory.
     mask_every: select a new threshold at every ``mask_every``-th update
@@ -530,7 +531,7 @@ def _filter_alike(grads: list, leaf_states: list, view, selection, options):
 def _filter_shard_local(g, leaf_state, view, spec, mesh, mesh_shape, selection, options):
   """Runs `_filter_leaf` on each device's shard of `g` inside ``jax.shard_map``."""
   axis_names = sharding_lib.leaf_mesh_axes(spec, g.ndim)
-  if not axis_names:  # A replicated leaf: every device holds all of it.
+  if not axis_names:  # A replicated leaf: every device has all of it.
     return _filter_leaf(g, leaf_state, view, selection=selection, **options)
 
   shard_layout = views_lib.make_layout(sharding_lib.local_shape(g.shape, spec, mesh_shape), view)
