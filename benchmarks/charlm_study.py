@@ -1,0 +1,673 @@
+"""Multi-seed study of SMI-AdamW against tuned AdamW on the character-level example.
+
+Run from the repository root after `pip install -e '.[example]'`::
+
+  python benchmarks/charlm_study.py --quick    # under 15 minutes on 2 CPU cores
+  python benchmarks/charlm_study.py            # the full study, about 1 hour
+
+The model, corpus, schedule shape, clipping, Adam betas and weight decay are
+the example's defaults (examples/char_lm). The study has four stages:
+
+1. A learning-rate sweep on seed 0 for AdamW and for SMI-AdamW. When the best
+   rate is at an end of the grid, the grid grows by one rate at that end (at
+   most twice), so neither optimizer is tuned on a grid that cuts off its
+   optimum. The schedule decays to a tenth of the peak rate.
+2. More seeds of both at their own best rate.
+3. Ablations of SMI at its best rate, over the same seeds: no spectral
+   momentum (beta=0), a blend schedule, the adaptive blend and other
+   keep_fraction values; and, at AdamW's best rate, a time-domain filter in
+   front of AdamW (an EMA of the gradient added back, as Grokfast does) as a
+   second baseline.
+4. The inference measurements of `charlm_inference.py` on the final weights
+   of the tuned runs.
+
+Seed s fixes the initial weights, the batch order and the evaluation batches,
+so every optimizer at seed s starts from the same weights and trains on the
+same batches; differences against AdamW are reported per seed (paired).
+
+Each finished run is written to OUT/runs/<key>.json, and its final weights to
+PARAMS_DIR/<key>.npz. Running the command again skips the runs on file, so an
+interrupted study continues where it stopped. The summary (study.json), the
+Markdown table (study.md) and the plots are rewritten from the run files at
+the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = BENCHMARKS_DIR.parent
+sys.path.insert(0, str(REPO_ROOT / "examples" / "char_lm"))
+sys.path.insert(0, str(BENCHMARKS_DIR))
+
+import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
+
+# Steps left out of the ms/step median and replaced by it in the elapsed time:
+# the first call compiles the step.
+TIMING_WARMUP_STEPS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Settings of a study mode: the runs it trains and how often it evaluates them."""
+
+  steps: int
+  rates: tuple[float, ...]  # initial learning-rate grid, ascending
+  rate_factor: float  # ratio between neighbouring rates when the grid grows
+  max_extensions: int  # grid growths per optimizer
+  seeds: tuple[int, ...]  # seeds of the tuned runs and the ablations
+  eval_interval: int
+  curve_iters: int  # val batches per point of the loss curve
+  final_iters: int  # train and val batches of the final evaluation
+  keep_fractions: tuple[float, ...]  # keep_fraction ablation (besides the default)
+  target_margin: float  # target val loss = tuned AdamW's mean final val loss + this
+  # Changes to the example's default Config (field name, value); the study
+  # modes keep the defaults, the tests shrink the model.
+  config_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+FULL = Settings(
+    steps=800,
+    rates=(1e-3, 3e-3, 1e-2),
+    rate_factor=3.0,
+    max_extensions=2,
+    seeds=(0, 1, 2),
+    eval_interval=50,
+    curve_iters=10,
+    final_iters=40,
+    keep_fractions=(0.25, 0.75),
+    target_margin=0.05,
+)
+QUICK = Settings(
+    steps=200,
+    rates=(1e-3, 3e-3, 1e-2),
+    rate_factor=3.0,
+    max_extensions=0,
+    seeds=(0, 1),
+    eval_interval=25,
+    curve_iters=4,
+    final_iters=10,
+    keep_fractions=(0.25,),
+    target_margin=0.05,
+)
+
+# Defaults of gradfilter_ema in github.com/ironjr/grokfast: EMA decay 0.98, amplification 2.
+GROKFAST_ALPHA = 0.98
+GROKFAST_LAMB = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One optimizer setting of the study.
+
+  kind is 'adamw', 'smi' (SMI-AdamW) or 'grokfast' (the gradient EMA filter
+  in front of AdamW). blend is a number, 'linear' (1 to 0 over the run, the
+  same mean as 0.5) or 'adaptive' (`smi_optax.adaptive_blend(0.5)`).
+  """
+
+  name: str
+  kind: str
+  keep_fraction: float = 0.5
+  beta: float = 0.9
+  blend: float | str = 0.5
+
+  def describe(self) -> str:
+    if self.kind == "adamw":
+      return "AdamW"
+    if self.kind == "grokfast":
+      return f"Grokfast-EMA (alpha {GROKFAST_ALPHA}, lamb {GROKFAST_LAMB}) + AdamW"
+    return f"SMI-AdamW (keep {self.keep_fraction}, beta {self.beta}, blend {self.blend})"
+
+
+ADAMW = Variant("adamw", "adamw")
+SMI = Variant("smi", "smi")
+
+
+def ablations(settings: Settings) -> list[Variant]:
+  """Returns the SMI ablations and the Grokfast baseline of a study mode."""
+  variants = [
+      Variant("smi_beta0", "smi", beta=0.0),
+      Variant("smi_blend_linear", "smi", blend="linear"),
+      Variant("smi_blend_adaptive", "smi", blend="adaptive"),
+  ]
+  variants += [Variant(f"smi_keep{kf:g}", "smi", keep_fraction=kf) for kf in settings.keep_fractions]
+  variants.append(Variant("grokfast", "grokfast"))
+  return variants
+
+
+def grokfast_ema(alpha: float = GROKFAST_ALPHA, lamb: float = GROKFAST_LAMB):
+  """Returns the Grokfast-EMA filter as an optax transform: g + lamb * EMA_alpha(g).
+
+  As in the reference implementation (github.com/ironjr/grokfast, grokfast.py),
+  the EMA starts at the first gradient, and each update first folds the new
+  gradient in, ``ema = alpha * ema + (1 - alpha) * g``, then returns
+  ``g + lamb * ema``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  def init_fn(params):
+    return (jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count, ema = state
+    ema = jax.tree.map(lambda e, g: jnp.where(count == 0, g, e), ema, updates)
+    ema = jax.tree.map(lambda e, g: alpha * e + (1 - alpha) * g, ema, updates)
+    updates = jax.tree.map(lambda g, e: g + lamb * e, updates, ema)
+    return updates, (count + 1, ema)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(variant: Variant, lr: float, steps: int, base: config_lib.Config):
+  """Builds `variant` at peak rate `lr` with the example's schedule shape, clipping and decay."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  import smi_optax  # pylint: disable=import-outside-toplevel
+
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=base.warmup_steps,
+      decay_steps=steps,
+      end_value=lr / 10,
+  )
+
+  def decay_mask(params):
+    return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+
+  adam_options = dict(b1=base.b1, b2=base.b2, weight_decay=base.weight_decay)
+  if variant.kind == "smi":
+    blend = variant.blend
+    if blend == "linear":
+      blend = optax.linear_schedule(1.0, 0.0, steps)
+    elif blend == "adaptive":
+      blend = smi_optax.adaptive_blend(0.5)
+    optimizer = smi_optax.smi_adamw(
+        schedule,
+        keep_fraction=variant.keep_fraction,
+        beta=variant.beta,
+        blend=blend,
+        weight_decay_mask=decay_mask,
+        **adam_options,
+    )
+  elif variant.kind in ("adamw", "grokfast"):
+    optimizer = optax.adamw(schedule, mask=decay_mask, **adam_options)
+    if variant.kind == "grokfast":
+      optimizer = optax.chain(grokfast_ema(), optimizer)
+  else:
+    raise ValueError(f"unknown variant kind {variant.kind!r}, expected adamw, smi or grokfast")
+  return optax.chain(optax.clip_by_global_norm(base.grad_clip), optimizer)
+
+
+def run_key(variant: Variant, lr: float, seed: int) -> str:
+  return f"{variant.name}_lr{lr:.0e}_s{seed}".replace("+", "").replace("-0", "-")
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+  """Returns {path: array} of a parameter tree, for np.savez."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return {
+      jax.tree_util.keystr(path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+
+
+def unflatten_params(arrays: dict[str, np.ndarray], like):
+  """Rebuilds a tree shaped like `like` from `flatten_params`' output."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  missing = [jax.tree_util.keystr(path) for path, _ in leaves if jax.tree_util.keystr(path) not in arrays]
+  if missing:
+    raise ValueError(f"saved weights lack {len(missing)} leaves, the first is {missing[0]}")
+  return jax.tree_util.tree_unflatten(
+      treedef, [arrays[jax.tree_util.keystr(path)] for path, _ in leaves]
+  )
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file, so a crash leaves no partial file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+class Study:
+  """Trains and records the runs of one study; skips runs already on file."""
+
+  def __init__(self, settings: Settings, out_dir: pathlib.Path, params_dir: pathlib.Path):
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    import model as model_lib  # pylint: disable=import-outside-toplevel
+    import train  # pylint: disable=import-outside-toplevel
+
+    self.settings = settings
+    self.out_dir = out_dir
+    self.params_dir = params_dir
+    self.runs_dir = out_dir / "runs"
+    self.runs_dir.mkdir(parents=True, exist_ok=True)
+    self.params_dir.mkdir(parents=True, exist_ok=True)
+    self.base = config_lib.Config(steps=settings.steps, **dict(settings.config_overrides))
+    self.text = data_lib.load_shakespeare()
+    self.corpus = data_lib.build_corpus(self.text, self.base.block_size)
+    self._train = train
+    self._models = {}  # seed -> (graphdef, init_params)
+    self._model_lib = model_lib
+    self._nnx = nnx
+    self._jax = jax
+    self.eval_loss = None
+
+  def model(self, seed: int):
+    """Returns (graphdef, initial params) of the example's model for `seed`."""
+    if seed not in self._models:
+      base = self.base
+      model = self._model_lib.GPT(
+          self.corpus.vocabulary.size,
+          base.block_size,
+          n_layer=base.n_layer,
+          n_head=base.n_head,
+          d_model=base.d_model,
+          dropout=base.dropout,
+          rngs=self._nnx.Rngs(params=seed),
+      )
+      graphdef, state = self._nnx.split(model)
+      self._models[seed] = (graphdef, self._nnx.to_pure_dict(state))
+      if self.eval_loss is None:
+        self.eval_loss = self._train.make_eval_loss(graphdef)
+    return self._models[seed]
+
+  def config(self, seed: int) -> config_lib.Config:
+    return dataclasses.replace(self.base, seed=seed)
+
+  def curve_val_loss(self, params, seed: int, step: int) -> float:
+    """Mean val loss over `curve_iters` batches that depend on the seed and step only."""
+    rng = np.random.default_rng([seed, 2, step])
+    losses = []
+    for _ in range(self.settings.curve_iters):
+      x, y = data_lib.sample_batch(self.corpus.val, self.base.batch_size, self.base.block_size, rng)
+      losses.append(float(self.eval_loss(params, x, y)))
+    return float(np.mean(losses))
+
+  def load(self, key: str) -> dict | None:
+    """Returns the record of run `key` if it is on file for these settings."""
+    path = self.runs_dir / f"{key}.json"
+    if not path.exists():
+      return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != json.loads(json.dumps(dataclasses.asdict(self.settings))):
+      print(f"{path} was made with other settings; training it again", flush=True)
+      return None
+    return record
+
+  def params_path(self, key: str) -> pathlib.Path:
+    return self.params_dir / f"{key}.npz"
+
+  def load_params(self, key: str, seed: int):
+    """Returns the final weights of run `key`, or None if they are not on file."""
+    path = self.params_path(key)
+    if not path.exists():
+      return None
+    with np.load(path) as arrays:
+      return unflatten_params(dict(arrays), self.model(seed)[1])
+
+  def run(self, variant: Variant, lr: float, seed: int, need_params: bool = False) -> dict:
+    """Trains `variant` at `lr` and `seed`, or returns its record from file."""
+    key = run_key(variant, lr, seed)
+    record = self.load(key)
+    if record is not None and (not need_params or self.params_path(key).exists()):
+      return record
+    record = self._train_run(key, variant, lr, seed)
+    write_atomic(self.runs_dir / f"{key}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+  def _train_run(self, key: str, variant: Variant, lr: float, seed: int) -> dict:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    import smi_optax  # pylint: disable=import-outside-toplevel
+
+    settings, train = self.settings, self._train
+    config = self.config(seed)
+    graphdef, params = self.model(seed)
+    optimizer = make_optimizer(variant, lr, settings.steps, self.base)
+    train_step = train.make_train_step(graphdef, optimizer, seed)
+    opt_state = jax.jit(optimizer.init)(params)
+
+    curve = [(0, self.curve_val_loss(params, seed, 0), 0.0)]
+    step_ms = []
+    started = time.time()
+    for step in range(1, settings.steps + 1):
+      x, y = train.training_batch(self.corpus, config, step)
+      start = time.perf_counter()
+      params, opt_state, loss = train_step(params, opt_state, x, y, step)
+      loss = float(loss)  # waits for the step, so the time is complete
+      step_ms.append((time.perf_counter() - start) * 1e3)
+      if not math.isfinite(loss):
+        print(f"{key}: loss {loss} at step {step}; the run diverged", flush=True)
+        break
+      if step % settings.eval_interval == 0 or step == settings.steps:
+        curve.append((step, self.curve_val_loss(params, seed, step), None))
+    ms_per_step = statistics.median(step_ms[TIMING_WARMUP_STEPS:] or step_ms)
+    # Elapsed training time at each curve point, with the compiling first step
+    # counted at the median step time.
+    elapsed = np.cumsum([ms_per_step] + step_ms[1:]) / 1e3
+    curve = [(step, val, float(elapsed[step - 1]) if step else 0.0) for step, val, _ in curve]
+    train_loss, val_loss = train.estimate_losses(
+        self.eval_loss,
+        params,
+        self.corpus,
+        dataclasses.replace(config, eval_iters=settings.final_iters),
+        settings.steps,
+    )
+    record = {
+        "key": key,
+        "variant": dataclasses.asdict(variant),
+        "lr": lr,
+        "seed": seed,
+        "settings": dataclasses.asdict(self.settings),
+        "steps_run": len(step_ms),
+        "curve": curve,  # (step, val loss over curve_iters batches, training seconds)
+        "final_train_loss": train_loss,
+        "final_val_loss": val_loss if len(step_ms) == settings.steps else math.nan,
+        "best_val_loss": min(val for _, val, _ in curve),
+        "ms_per_step": ms_per_step,
+        "wall_seconds": time.time() - started,
+    }
+    if variant.kind == "smi":
+      values = smi_optax.stats(opt_state)
+      record["kept_energy_mean"] = float(values["kept_energy_mean"])
+      record["blend_mean"] = float(values["blend_mean"])
+    np.savez(self.params_path(key), **flatten_params(params))
+    print(
+        f"{key}: final val loss {record['final_val_loss']:.4f}, best {record['best_val_loss']:.4f}, "
+        f"{ms_per_step:.1f} ms/step, {record['wall_seconds']:.0f} s",
+        flush=True,
+    )
+    return record
+
+  def sweep(self, variant: Variant) -> tuple[float, list[dict]]:
+    """Runs the rate sweep of `variant` on the first seed; returns the best rate and the runs."""
+    settings = self.settings
+    rates = list(settings.rates)
+    seed = settings.seeds[0]
+    records = {lr: self.run(variant, lr, seed) for lr in rates}
+    for _ in range(settings.max_extensions):
+      best = min(rates, key=lambda lr: _final_or_inf(records[lr]))
+      if best == rates[-1]:
+        rates.append(rates[-1] * settings.rate_factor)
+        new = rates[-1]
+      elif best == rates[0]:
+        rates.insert(0, rates[0] / settings.rate_factor)
+        new = rates[0]
+      else:
+        break
+      print(f"{variant.name}: best rate {best:g} is at the grid's end; adding {new:g}", flush=True)
+      records[new] = self.run(variant, new, seed)
+    best = min(rates, key=lambda lr: _final_or_inf(records[lr]))
+    return best, [records[lr] for lr in rates]
+
+
+def _final_or_inf(record: dict) -> float:
+  value = record["final_val_loss"]
+  return value if math.isfinite(value) else math.inf
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  """Returns the mean and the sample standard deviation (0 for one value)."""
+  values = [float(v) for v in values]
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def time_to_target(curve: list, target: float) -> tuple[float, float] | None:
+  """Returns (step, seconds) where the val curve first reaches `target`, interpolated linearly.
+
+  None when the curve stays above the target.
+  """
+  for (s0, v0, t0), (s1, v1, t1) in zip(curve, curve[1:]):
+    if v1 <= target:
+      share = 1.0 if v0 == v1 else min(max((v0 - target) / (v0 - v1), 0.0), 1.0)
+      return s0 + share * (s1 - s0), t0 + share * (t1 - t0)
+  return None
+
+
+def summarize_group(records: list[dict], baseline: dict[int, dict], target: float) -> dict:
+  """Aggregates the seed runs of one variant; `baseline` maps seed -> tuned AdamW run."""
+  finals = [r["final_val_loss"] for r in records]
+  reached = [time_to_target(r["curve"], target) for r in records]
+  hits = [hit for hit in reached if hit is not None]
+  paired = [
+      r["final_val_loss"] - baseline[r["seed"]]["final_val_loss"]
+      for r in records
+      if r["seed"] in baseline
+  ]
+  summary = {
+      "variant": records[0]["variant"],
+      "lr": records[0]["lr"],
+      "seeds": [r["seed"] for r in records],
+      "final_val_loss": mean_std(finals),
+      "final_val_bpc": mean_std([v / math.log(2) for v in finals]),
+      "best_val_loss": mean_std([r["best_val_loss"] for r in records]),
+      "final_minus_adamw": mean_std(paired) if paired else None,
+      "ms_per_step": mean_std([r["ms_per_step"] for r in records]),
+      "reached_target": len(hits),
+      "steps_to_target": mean_std([h[0] for h in hits]) if hits else None,
+      "seconds_to_target": mean_std([h[1] for h in hits]) if hits else None,
+  }
+  if "kept_energy_mean" in records[0]:
+    summary["kept_energy_mean"] = mean_std([r["kept_energy_mean"] for r in records])
+    summary["blend_mean"] = mean_std([r["blend_mean"] for r in records])
+  return summary
+
+
+def _pm(pair, digits: int = 4) -> str:
+  if pair is None:
+    return "n/a"
+  return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def markdown_table(groups: list[dict], target: float, num_seeds: int) -> str:
+  """Returns the study's Markdown table, one row per variant."""
+  lines = [
+      f"| variant | peak lr | final val loss | final val bpc | best val loss | "
+      f"final − AdamW (paired) | steps to {target:.3f} | seconds to {target:.3f} | ms/step |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for group in groups:
+    variant = Variant(**group["variant"])
+    reached = f"{group['reached_target']}/{len(group['seeds'])}"
+    steps = "not reached" if group["steps_to_target"] is None else _pm(group["steps_to_target"], 0)
+    seconds = "" if group["seconds_to_target"] is None else _pm(group["seconds_to_target"], 1)
+    lines.append(
+        f"| {variant.describe()} | {group['lr']:g} | {_pm(group['final_val_loss'])} | "
+        f"{_pm(group['final_val_bpc'], 3)} | {_pm(group['best_val_loss'])} | "
+        f"{_pm(group['final_minus_adamw'])} | {steps} ({reached}) | {seconds} | "
+        f"{_pm(group['ms_per_step'], 1)} |"
+    )
+  lines.append("")
+  lines.append(
+      f"Mean ± sample standard deviation over {num_seeds} seeds. \"final − AdamW\" is each "
+      "seed's final val loss minus tuned AdamW's at the same seed (same initial weights and "
+      "batches); below 0 favours the row. Steps and seconds to the target are interpolated "
+      "between evaluations and averaged over the seeds that reached it (count in brackets); "
+      "seconds count training steps only, compile excluded."
+  )
+  return "\n".join(lines)
+
+
+def plot_curves(groups: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
+  """Plots the mean val-loss curve of each variant with a band of ± one standard deviation."""
+  import common  # pylint: disable=import-outside-toplevel
+
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name, records in groups.items():
+    steps = np.array([point[0] for point in records[0]["curve"]])
+    vals = np.array([[point[1] for point in r["curve"]] for r in records])
+    secs = np.mean([[point[2] for point in r["curve"]] for r in records], axis=0)
+    mean, std = vals.mean(axis=0), vals.std(axis=0, ddof=1) if len(records) > 1 else 0 * vals[0]
+    label = f"{Variant(**records[0]['variant']).describe()}, lr {records[0]['lr']:g}"
+    for axis, x in zip(axes, (steps, secs)):
+      (line,) = axis.plot(x[1:], mean[1:], label=label)
+      axis.fill_between(x[1:], (mean - std)[1:], (mean + std)[1:], color=line.get_color(), alpha=0.2)
+  axes[0].set_xlabel("step")
+  axes[1].set_xlabel("training seconds (compile excluded)")
+  for axis in axes:
+    axis.set_ylabel("val loss (nats/char)")
+    axis.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  common.save_figure(fig, path)
+
+
+def plot_sweep(sweeps: dict[str, list[dict]], path: pathlib.Path) -> None:
+  import common  # pylint: disable=import-outside-toplevel
+
+  plt = common.pyplot()
+  fig, axis = plt.subplots(figsize=(5.5, 4))
+  for name, records in sweeps.items():
+    rates = [r["lr"] for r in records]
+    axis.plot(rates, [r["final_val_loss"] for r in records], marker="o", label=name)
+  axis.set_xscale("log")
+  axis.set_xlabel("peak learning rate")
+  axis.set_ylabel("final val loss, seed 0 (nats/char)")
+  axis.grid(alpha=0.3)
+  axis.legend()
+  common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  parser.add_argument(
+      "--quick", action="store_true", help="short runs, fewer seeds and ablations (< 15 min on 2 cores)"
+  )
+  parser.add_argument(
+      "--out",
+      default=None,
+      help="directory for the run files, study.json, study.md and plots "
+      "(default: benchmarks/results/charlm_study, or runs/charlm_study_quick with --quick)",
+  )
+  parser.add_argument(
+      "--params-dir",
+      default=None,
+      help="directory for the final weights of each run (default: runs/charlm_study[_quick]_params)",
+  )
+  parser.add_argument(
+      "--skip-inference", action="store_true", help="leave out stage 4 (charlm_inference.py)"
+  )
+  args = parser.parse_args(argv)
+  settings = QUICK if args.quick else FULL
+  suffix = "_quick" if args.quick else ""
+  out_dir = pathlib.Path(
+      args.out or (REPO_ROOT / "runs" / "charlm_study_quick" if args.quick else BENCHMARKS_DIR / "results" / "charlm_study")
+  )
+  params_dir = pathlib.Path(args.params_dir or REPO_ROOT / "runs" / f"charlm_study{suffix}_params")
+  for path in (out_dir, params_dir):
+    if path.exists() and not path.is_dir():
+      parser.error(f"{path} exists and is not a directory; pick another path")
+
+  import common  # pylint: disable=import-outside-toplevel
+
+  started = time.time()
+  study = Study(settings, out_dir, params_dir)
+  print(
+      f"study: {'quick' if args.quick else 'full'} mode, {settings.steps} steps per run, "
+      f"seeds {list(settings.seeds)}, out {out_dir}",
+      flush=True,
+  )
+
+  # Stage 1 and 2: tune each baseline's rate, then run every seed at it.
+  best_rate, sweeps, tuned = {}, {}, {}
+  for variant in (ADAMW, SMI):
+    best_rate[variant.name], sweeps[variant.name] = study.sweep(variant)
+    print(f"{variant.name}: best peak rate {best_rate[variant.name]:g}", flush=True)
+    tuned[variant.name] = [
+        study.run(variant, best_rate[variant.name], seed, need_params=True) for seed in settings.seeds
+    ]
+
+  # Stage 3: ablations at SMI's rate; the Grokfast filter feeds AdamW, so it
+  # runs at AdamW's rate.
+  ablation_runs = {
+      variant.name: [
+          study.run(variant, best_rate["adamw" if variant.kind == "grokfast" else "smi"], seed)
+          for seed in settings.seeds
+      ]
+      for variant in ablations(settings)
+  }
+
+  baseline = {r["seed"]: r for r in tuned["adamw"]}
+  target = round(mean_std([r["final_val_loss"] for r in tuned["adamw"]])[0] + settings.target_margin, 3)
+  all_groups = {**tuned, **ablation_runs}
+  groups = [summarize_group(records, baseline, target) for records in all_groups.values()]
+  table = markdown_table(groups, target, len(settings.seeds))
+  sweep_lines = ["| optimizer | peak lr | final val loss (seed 0) |", "|---|---|---|"]
+  for name, records in sweeps.items():
+    for r in records:
+      mark = " (best)" if r["lr"] == best_rate[name] else ""
+      sweep_lines.append(f"| {name} | {r['lr']:g}{mark} | {r['final_val_loss']:.4f} |")
+
+  plot_curves(tuned, out_dir / "curves.png", "Tuned AdamW and SMI-AdamW, mean ± 1 std over seeds")
+  plot_curves(
+      {"smi": tuned["smi"], **ablation_runs},
+      out_dir / "ablations.png",
+      f"SMI ablations at lr {best_rate['smi']:g}, mean ± 1 std over seeds",
+  )
+  plot_sweep(sweeps, out_dir / "sweep.png")
+
+  payload = {
+      "mode": "quick" if args.quick else "full",
+      "settings": dataclasses.asdict(settings),
+      "base_config": dataclasses.asdict(study.base),
+      "num_params": int(sum(np.size(leaf) for leaf in study._jax.tree.leaves(study.model(0)[1]))),
+      "best_rate": best_rate,
+      "target_val_loss": target,
+      "sweep": {name: [[r["lr"], r["final_val_loss"]] for r in records] for name, records in sweeps.items()},
+      "groups": {name: group for name, group in zip(all_groups, groups)},
+  }
+  if not args.skip_inference:
+    import charlm_inference  # pylint: disable=import-outside-toplevel
+
+    payload["inference"] = charlm_inference.analyze(study, tuned)
+    inference_md = charlm_inference.markdown(payload["inference"])
+  else:
+    inference_md = "(inference stage skipped)"
+  payload["study_wall_seconds_this_invocation"] = time.time() - started
+  common.write_json("study", payload, out_dir)
+  write_atomic(
+      out_dir / "study.md",
+      "\n\n".join(
+          [
+              f"# Character-level study ({payload['mode']} mode)",
+              "Command: `python " + " ".join(sys.argv) + "`",
+              "## Learning-rate sweep\n\n" + "\n".join(sweep_lines),
+              "## Tuned baselines and ablations\n\n" + table,
+              "## Inference\n\n" + inference_md,
+          ]
+      )
+      + "\n",
+  )
+  print(table, flush=True)
+  print(inference_md, flush=True)
+  print(f"study: wrote {out_dir / 'study.md'} in {time.time() - started:.0f} s", flush=True)
+  return payload
+
+
+if __name__ == "__main__":
+  main()
