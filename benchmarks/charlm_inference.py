@@ -26,7 +26,7 @@ import numpy as np
 FRACTIONS = (0.1, 0.25, 0.5)  # shares of coefficients for the concentration
 TRUNCATIONS = (0.5, 0.25)  # shares of coefficients kept by the truncation test
 GENERATED_TOKENS = 256
-TIMING_ROUNDS = 5
+TIMING_ROUNDS = 15
 
 
 def filtered_matrices(params) -> dict[str, np.ndarray]:

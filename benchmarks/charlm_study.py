@@ -15,9 +15,9 @@ the example's defaults (examples/char_lm). The study has four stages:
 2. More seeds of both at their own best rate.
 3. Ablations of SMI at its best rate, over the same seeds: no spectral
    momentum (beta=0), a blend schedule, the adaptive blend and other
-   keep_fraction values; and, at AdamW's best rate, a time-domain filter in
-   front of AdamW (an EMA of the gradient added back, as Grokfast does) as a
-   second baseline.
+   keep_fraction values; and a time-domain filter in front of AdamW (an EMA
+   of the gradient added back, as Grokfast does) as a second baseline, at
+   the better of the two tuned rates on the first seed.
 4. The inference measurements of `charlm_inference.py` on the final weights
    of the tuned runs.
 
@@ -436,6 +436,24 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+# Two-sided 95% quantiles of Student's t distribution for 1 to 10 degrees of freedom.
+T_QUANTILE_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def confidence_interval_95(values: list[float]) -> tuple[float, float] | None:
+  """Returns the t-based 95% confidence interval of the mean, or None for fewer than 2 values.
+
+  Past 10 degrees of freedom the normal quantile 1.96 stands in for t's.
+  """
+  if len(values) < 2:
+    return None
+  mean, std = mean_std(values)
+  degrees = len(values) - 1
+  quantile = T_QUANTILE_95[degrees - 1] if degrees <= len(T_QUANTILE_95) else 1.96
+  half_width = quantile * std / math.sqrt(len(values))
+  return mean - half_width, mean + half_width
+
+
 def time_to_target(curve: list, target: float) -> tuple[float, float] | None:
   """Returns (step, seconds) where the val curve first reaches `target`, interpolated linearly.
 
@@ -466,6 +484,7 @@ def summarize_group(records: list[dict], baseline: dict[int, dict], target: floa
       "final_val_bpc": mean_std([v / math.log(2) for v in finals]),
       "best_val_loss": mean_std([r["best_val_loss"] for r in records]),
       "final_minus_adamw": mean_std(paired) if paired else None,
+      "final_minus_adamw_ci95": confidence_interval_95(paired) if paired else None,
       "ms_per_step": mean_std([r["ms_per_step"] for r in records]),
       "reached_target": len(hits),
       "steps_to_target": mean_std([h[0] for h in hits]) if hits else None,
@@ -483,6 +502,14 @@ def _pm(pair, digits: int = 4) -> str:
   return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
+def _paired(group: dict) -> str:
+  text = _pm(group["final_minus_adamw"])
+  interval = group["final_minus_adamw_ci95"]
+  if interval is not None and group["final_minus_adamw"][1] > 0:
+    text += f" [{interval[0]:+.4f}, {interval[1]:+.4f}]"
+  return text
+
+
 def markdown_table(groups: list[dict], target: float, num_seeds: int) -> str:
   """Returns the study's Markdown table, one row per variant."""
   lines = [
@@ -498,14 +525,15 @@ def markdown_table(groups: list[dict], target: float, num_seeds: int) -> str:
     lines.append(
         f"| {variant.describe()} | {group['lr']:g} | {_pm(group['final_val_loss'])} | "
         f"{_pm(group['final_val_bpc'], 3)} | {_pm(group['best_val_loss'])} | "
-        f"{_pm(group['final_minus_adamw'])} | {steps} ({reached}) | {seconds} | "
+        f"{_paired(group)} | {steps} ({reached}) | {seconds} | "
         f"{_pm(group['ms_per_step'], 1)} |"
     )
   lines.append("")
   lines.append(
       f"Mean ± sample standard deviation over {num_seeds} seeds. \"final − AdamW\" is each "
       "seed's final val loss minus tuned AdamW's at the same seed (same initial weights and "
-      "batches); below 0 favours the row. Steps and seconds to the target are interpolated "
+      "batches), with the t-based 95% confidence interval of its mean in brackets; below 0 "
+      "favours the row. Steps and seconds to the target are interpolated "
       "between evaluations and averaged over the seeds that reached it (count in brackets); "
       "seconds count training steps only, compile excluded."
   )
@@ -602,28 +630,53 @@ def main(argv: list[str] | None = None) -> dict:
         study.run(variant, best_rate[variant.name], seed, need_params=True) for seed in settings.seeds
     ]
 
-  # Stage 3: ablations at SMI's rate; the Grokfast filter feeds AdamW, so it
-  # runs at AdamW's rate.
-  ablation_runs = {
-      variant.name: [
-          study.run(variant, best_rate["adamw" if variant.kind == "grokfast" else "smi"], seed)
-          for seed in settings.seeds
-      ]
-      for variant in ablations(settings)
-  }
+  # AdamW at SMI's rate as well, so that SMI is also compared at an equal rate.
+  same_rate = {}
+  if best_rate["adamw"] != best_rate["smi"]:
+    same_rate["adamw_at_smi_rate"] = [
+        study.run(ADAMW, best_rate["smi"], seed) for seed in settings.seeds
+    ]
+
+  # Stage 3: the SMI ablations run at SMI's rate. The Grokfast baseline runs
+  # at whichever of the two tuned rates gives it the lower final val loss on
+  # the first seed.
+  ablation_runs = {}
+  for variant in ablations(settings):
+    rate = best_rate["smi"]
+    if variant.kind == "grokfast":
+      candidates = sorted(set(best_rate.values()))
+      trials = {lr: study.run(variant, lr, settings.seeds[0]) for lr in candidates}
+      rate = min(candidates, key=lambda lr: _final_or_inf(trials[lr]))
+      best_rate["grokfast"] = rate
+      sweeps["grokfast"] = [trials[lr] for lr in candidates]
+    ablation_runs[variant.name] = [study.run(variant, rate, seed) for seed in settings.seeds]
 
   baseline = {r["seed"]: r for r in tuned["adamw"]}
   target = round(mean_std([r["final_val_loss"] for r in tuned["adamw"]])[0] + settings.target_margin, 3)
-  all_groups = {**tuned, **ablation_runs}
+  all_groups = {**tuned, **same_rate, **ablation_runs}
   groups = [summarize_group(records, baseline, target) for records in all_groups.values()]
+  equal_rate_baseline = {r["seed"]: r for r in same_rate.get("adamw_at_smi_rate", tuned["adamw"])}
+  smi_minus_equal_rate = [
+      r["final_val_loss"] - equal_rate_baseline[r["seed"]]["final_val_loss"] for r in tuned["smi"]
+  ]
   table = markdown_table(groups, target, len(settings.seeds))
+  if len(smi_minus_equal_rate) > 1:
+    interval = confidence_interval_95(smi_minus_equal_rate)
+    table += (
+        f"\n\nTuned SMI-AdamW minus AdamW at SMI's rate {best_rate['smi']:g}, same seed: "
+        f"{_pm(mean_std(smi_minus_equal_rate))} [{interval[0]:+.4f}, {interval[1]:+.4f}] nats/char."
+    )
   sweep_lines = ["| optimizer | peak lr | final val loss (seed 0) |", "|---|---|---|"]
   for name, records in sweeps.items():
     for r in records:
       mark = " (best)" if r["lr"] == best_rate[name] else ""
       sweep_lines.append(f"| {name} | {r['lr']:g}{mark} | {r['final_val_loss']:.4f} |")
 
-  plot_curves(tuned, out_dir / "curves.png", "Tuned AdamW and SMI-AdamW, mean ± 1 std over seeds")
+  plot_curves(
+      {**tuned, **same_rate},
+      out_dir / "curves.png",
+      "AdamW and SMI-AdamW at their tuned rates, mean ± 1 std over seeds",
+  )
   plot_curves(
       {"smi": tuned["smi"], **ablation_runs},
       out_dir / "ablations.png",
@@ -638,6 +691,11 @@ def main(argv: list[str] | None = None) -> dict:
       "num_params": int(sum(np.size(leaf) for leaf in study._jax.tree.leaves(study.model(0)[1]))),
       "best_rate": best_rate,
       "target_val_loss": target,
+      # Tuned SMI's final val loss minus AdamW's at the same seed and SMI's rate.
+      "smi_minus_adamw_equal_rate": {
+          "mean_std": mean_std(smi_minus_equal_rate),
+          "ci95": confidence_interval_95(smi_minus_equal_rate),
+      },
       "sweep": {name: [[r["lr"], r["final_val_loss"]] for r in records] for name, records in sweeps.items()},
       "groups": {name: group for name, group in zip(all_groups, groups)},
   }

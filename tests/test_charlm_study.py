@@ -64,6 +64,14 @@ def test_mean_std_uses_sample_deviation():
   assert charlm_study.mean_std([5.0]) == (5.0, 0.0)
 
 
+def test_confidence_interval_uses_t_quantile():
+  # Mean 2, sample std 1, n = 3: half width t(0.975, 2) / sqrt(3) = 4.303 / 1.732.
+  low, high = charlm_study.confidence_interval_95([1.0, 2.0, 3.0])
+  assert low == pytest.approx(2.0 - 4.303 / math.sqrt(3))
+  assert high == pytest.approx(2.0 + 4.303 / math.sqrt(3))
+  assert charlm_study.confidence_interval_95([1.0]) is None
+
+
 def _fake_train(losses_by_lr):
   calls = []
 
