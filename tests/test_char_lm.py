@@ -23,7 +23,7 @@ import data as data_lib  # noqa: E402
 TINY_FLAGS = [
     '--steps', '20', '--n-layer', '1', '--d-model', '32', '--n-head', '2',
     '--block-size', '16', '--batch-size', '4', '--eval-interval', '10', '--eval-iters', '2',
-    '--warmup-steps', '2', '--sample-length', '40',
+    '--warmup-steps', '2', '--sample-length', '40', '--lr', '1e-3', '--min-lr', '1e-4',
 ]  # fmt: skip
 RUN_KEYS = {
     'val_loss',
@@ -263,7 +263,7 @@ def test_unigram_entropy():
         ({'warmup_steps': 1500}, r'--warmup-steps must be in \[0, --steps\)'),
         ({'lr': 0.0}, r'--lr must be a finite number > 0, got 0.0'),
         ({'lr': float('nan')}, r'--lr must be a finite number > 0, got nan'),
-        ({'min_lr': 0.01}, r'--min-lr must be in \[0, --lr\] = \[0, 0.001\], got 0.01'),
+        ({'min_lr': 0.1}, r'--min-lr must be in \[0, --lr\] = \[0, 0.01\], got 0.1'),
         ({'min_lr': -1e-4}, r'--min-lr must be in \[0, --lr\]'),
         ({'keep_fraction': 0.0}, r'--keep-fraction must be in \(0, 1\], got 0.0'),
         ({'keep_fraction': 1.5}, r'--keep-fraction must be in \(0, 1\], got 1.5'),
