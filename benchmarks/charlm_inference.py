@@ -1,9 +1,10 @@
 """Does training with SMI change the trained model in a way inference can use?
 
-The paper's abstract reports faster inference. A model's inference cost is
-set by its architecture and its weights' values only matter if inference can
-exploit them, for example by storing or applying a weight matrix through a
-truncated spectrum. This module measures, on the final weights of the study's
+The abstract of the SMI paper (Huang, Chen and Zheng, Frontiers in
+Artificial Intelligence 8, 2025) reports faster inference. The inference
+cost of a model is set by its architecture. Its weights' values matter only
+if inference can exploit them, for example by storing or applying a weight
+matrix through a truncated spectrum. This module measures, on the final weights of the study's
 tuned AdamW and SMI-AdamW runs (charlm_study.py calls `analyze`):
 
 - generation speed: tokens/s of the example's `generate` with each model's
@@ -46,9 +47,9 @@ def filtered_matrices(params) -> dict[str, np.ndarray]:
 def concentration(params, fractions=FRACTIONS) -> dict[float, float]:
   """Returns {k: share of spectral energy in the top k of coefficients}, pooled over matrices.
 
-  Each matrix keeps its own top k share of coefficients (by magnitude of its
-  full 2-D FFT); the kept energies and the total energies are summed over
-  the matrices before dividing.
+  Each matrix keeps its own top k share of coefficients, by magnitude of its
+  full 2-D FFT. The kept and the total energies are summed over the matrices
+  before dividing.
   """
   kept = {k: 0.0 for k in fractions}
   total = 0.0

@@ -21,9 +21,9 @@ the example's defaults (examples/char_lm). The study has four stages:
 4. The inference measurements of `charlm_inference.py` on the final weights
    of the tuned runs.
 
-Seed s fixes the initial weights, the batch order and the evaluation batches,
-so every optimizer at seed s starts from the same weights and trains on the
-same batches; differences against AdamW are reported per seed (paired).
+Seed s fixes the initial weights, the batch order and the evaluation batches.
+So every optimizer at seed s starts from the same weights and trains on the
+same batches, and differences against AdamW are reported per seed (paired).
 
 Each finished run is written to OUT/runs/<key>.json, and its final weights to
 PARAMS_DIR/<key>.npz. Running the command again skips the runs on file, so an
@@ -443,7 +443,7 @@ T_QUANTILE_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
 def confidence_interval_95(values: list[float]) -> tuple[float, float] | None:
   """Returns the t-based 95% confidence interval of the mean, or None for fewer than 2 values.
 
-  Past 10 degrees of freedom the normal quantile 1.96 stands in for t's.
+  Past 10 degrees of freedom it uses the normal quantile 1.96 instead of t's.
   """
   if len(values) < 2:
     return None
@@ -490,7 +490,7 @@ def summarize_group(records: list[dict], baseline: dict[int, dict], target: floa
       "steps_to_target": mean_std([h[0] for h in hits]) if hits else None,
       "seconds_to_target": mean_std([h[1] for h in hits]) if hits else None,
   }
-  if "kept_energy_mean" in records[0]:
+  if all("kept_energy_mean" in r for r in records):
     summary["kept_energy_mean"] = mean_std([r["kept_energy_mean"] for r in records])
     summary["blend_mean"] = mean_std([r["blend_mean"] for r in records])
   return summary
@@ -546,11 +546,14 @@ def plot_curves(groups: dict[str, list[dict]], path: pathlib.Path, title: str) -
 
   plt = common.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for name, records in groups.items():
-    steps = np.array([point[0] for point in records[0]["curve"]])
-    vals = np.array([[point[1] for point in r["curve"]] for r in records])
-    secs = np.mean([[point[2] for point in r["curve"]] for r in records], axis=0)
-    mean, std = vals.mean(axis=0), vals.std(axis=0, ddof=1) if len(records) > 1 else 0 * vals[0]
+  for records in groups.values():
+    # A diverged run stops early, so the curves are cut to the shortest one.
+    length = min(len(r["curve"]) for r in records)
+    curves = np.array([r["curve"][:length] for r in records], dtype=np.float64)
+    steps, vals = curves[0, :, 0], curves[:, :, 1]
+    secs = curves[:, :, 2].mean(axis=0)
+    mean = vals.mean(axis=0)
+    std = vals.std(axis=0, ddof=1) if len(records) > 1 else np.zeros_like(mean)
     label = f"{Variant(**records[0]['variant']).describe()}, lr {records[0]['lr']:g}"
     for axis, x in zip(axes, (steps, secs)):
       (line,) = axis.plot(x[1:], mean[1:], label=label)

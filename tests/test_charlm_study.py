@@ -84,7 +84,9 @@ def _fake_train(losses_by_lr):
         'seed': seed,
         'settings': json.loads(json.dumps(dataclasses.asdict(self.settings))),
         'final_val_loss': losses_by_lr(lr),
-        'curve': [(0, 4.0, 0.0), (4, losses_by_lr(lr), 1.0)],
+        'best_val_loss': losses_by_lr(lr),
+        'ms_per_step': 1.0,
+        'curve': [(0, 4.0, 0.0), (2, 3.0, 0.5), (4, losses_by_lr(lr), 1.0)],
     }
 
   return calls, train_run
@@ -135,6 +137,8 @@ def test_tiny_study_writes_and_resumes(tmp_path, monkeypatch):
   payload = charlm_study.main(argv)
 
   names = {'adamw', 'smi'} | {v.name for v in charlm_study.ablations(TINY)}
+  if payload['best_rate']['adamw'] != payload['best_rate']['smi']:
+    names.add('adamw_at_smi_rate')
   assert set(payload['groups']) == names
   for group in payload['groups'].values():
     assert len(group['seeds']) == len(TINY.seeds)
@@ -150,16 +154,14 @@ def test_tiny_study_writes_and_resumes(tmp_path, monkeypatch):
     assert shares == sorted(shares)
 
   # A second invocation trains nothing; after a run file is lost, only that run trains again.
-  run_files = sorted(p.name for p in (out / 'runs').glob('*.json'))
   calls, train_run = _fake_train(lambda lr: 1.0)
   monkeypatch.setattr(charlm_study.Study, '_train_run', train_run)
   charlm_study.main(argv + ['--skip-inference'])
   assert calls == []
-  lost = out / 'runs' / run_files[-1]
-  lost.unlink()
+
+  # An ablation run changes no rate choice, so losing its file retrains it alone.
+  ablation = charlm_study.ablations(TINY)[0]
+  lost_key = charlm_study.run_key(ablation, payload['best_rate']['smi'], TINY.seeds[1])
+  (out / 'runs' / f'{lost_key}.json').unlink()
   charlm_study.main(argv + ['--skip-inference'])
-  assert len(calls) == 1
-  name, lr, seed = calls[0]
-  variants = [charlm_study.ADAMW, charlm_study.SMI, *charlm_study.ablations(TINY)]
-  variant = next(v for v in variants if v.name == name)
-  assert charlm_study.run_key(variant, lr, seed) + '.json' == lost.name
+  assert calls == [(ablation.name, payload['best_rate']['smi'], TINY.seeds[1])]
