@@ -52,6 +52,7 @@ REPO_ROOT = BENCHMARKS_DIR.parent
 sys.path.insert(0, str(REPO_ROOT / "examples" / "char_lm"))
 sys.path.insert(0, str(BENCHMARKS_DIR))
 
+import charlm_report as report  # noqa: E402  pylint: disable=wrong-import-position
 import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -130,6 +131,11 @@ class Variant:
     if self.kind == "grokfast":
       return f"Grokfast-EMA (alpha {GROKFAST_ALPHA}, lamb {GROKFAST_LAMB}) + AdamW"
     return f"SMI-AdamW (keep {self.keep_fraction}, beta {self.beta}, blend {self.blend})"
+
+
+def describe_variant(fields: dict) -> str:
+  """Returns the display name of the variant stored as `fields` in a run record."""
+  return Variant(**fields).describe()
 
 
 ADAMW = Variant("adamw", "adamw")
@@ -430,161 +436,54 @@ def _final_or_inf(record: dict) -> float:
   return value if math.isfinite(value) else math.inf
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-  """Returns the mean and the sample standard deviation (0 for one value)."""
-  values = [float(v) for v in values]
-  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+@dataclasses.dataclass
+class StudyRuns:
+  """Records of every run of a study, grouped by stage."""
+
+  best_rate: dict[str, float]  # optimizer or filter name -> chosen peak rate
+  sweeps: dict[str, list[dict]]  # name -> first-seed runs over its rates, ascending
+  tuned: dict[str, list[dict]]  # 'adamw' and 'smi' -> one run per seed at the best rate
+  same_rate: dict[str, list[dict]]  # 'adamw_at_smi_rate' when the best rates differ
+  ablation_runs: dict[str, list[dict]]  # ablation name -> one run per seed
 
 
-# Two-sided 95% quantiles of Student's t distribution for 1 to 10 degrees of freedom.
-T_QUANTILE_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+def run_stages(study: Study, settings: Settings) -> StudyRuns:
+  """Runs (or reads from file) stages 1 to 3 of the study."""
+  # Stage 1 and 2: tune each baseline's rate, then run every seed at it.
+  best_rate, sweeps, tuned = {}, {}, {}
+  for variant in (ADAMW, SMI):
+    best_rate[variant.name], sweeps[variant.name] = study.sweep(variant)
+    print(f"{variant.name}: best peak rate {best_rate[variant.name]:g}", flush=True)
+    tuned[variant.name] = [
+        study.run(variant, best_rate[variant.name], seed, need_params=True) for seed in settings.seeds
+    ]
 
+  # AdamW at SMI's rate as well, so that SMI is also compared at an equal rate.
+  same_rate = {}
+  if best_rate["adamw"] != best_rate["smi"]:
+    same_rate["adamw_at_smi_rate"] = [
+        study.run(ADAMW, best_rate["smi"], seed) for seed in settings.seeds
+    ]
 
-def confidence_interval_95(values: list[float]) -> tuple[float, float] | None:
-  """Returns the t-based 95% confidence interval of the mean, or None for fewer than 2 values.
+  # Stage 3: the SMI ablations run at SMI's rate. The Grokfast baseline runs
+  # at whichever of the two tuned rates gives it the lower final val loss on
+  # the first seed.
+  ablation_runs = {}
+  for variant in ablations(settings):
+    rate = best_rate["smi"]
+    if variant.kind == "grokfast":
+      candidates = sorted(set(best_rate.values()))
+      trials = {lr: study.run(variant, lr, settings.seeds[0]) for lr in candidates}
+      rate = min(candidates, key=lambda lr: _final_or_inf(trials[lr]))
+      best_rate["grokfast"] = rate
+      sweeps["grokfast"] = [trials[lr] for lr in candidates]
+    ablation_runs[variant.name] = [study.run(variant, rate, seed) for seed in settings.seeds]
 
-  Past 10 degrees of freedom it uses the normal quantile 1.96 instead of t's.
-  """
-  if len(values) < 2:
-    return None
-  mean, std = mean_std(values)
-  degrees = len(values) - 1
-  quantile = T_QUANTILE_95[degrees - 1] if degrees <= len(T_QUANTILE_95) else 1.96
-  half_width = quantile * std / math.sqrt(len(values))
-  return mean - half_width, mean + half_width
-
-
-def time_to_target(curve: list, target: float) -> tuple[float, float] | None:
-  """Returns (step, seconds) where the val curve first reaches `target`, interpolated linearly.
-
-  None when the curve stays above the target.
-  """
-  for (s0, v0, t0), (s1, v1, t1) in zip(curve, curve[1:]):
-    if v1 <= target:
-      share = 1.0 if v0 == v1 else min(max((v0 - target) / (v0 - v1), 0.0), 1.0)
-      return s0 + share * (s1 - s0), t0 + share * (t1 - t0)
-  return None
-
-
-def summarize_group(records: list[dict], baseline: dict[int, dict], target: float) -> dict:
-  """Aggregates the seed runs of one variant; `baseline` maps seed -> tuned AdamW run."""
-  finals = [r["final_val_loss"] for r in records]
-  reached = [time_to_target(r["curve"], target) for r in records]
-  hits = [hit for hit in reached if hit is not None]
-  paired = [
-      r["final_val_loss"] - baseline[r["seed"]]["final_val_loss"]
-      for r in records
-      if r["seed"] in baseline
-  ]
-  summary = {
-      "variant": records[0]["variant"],
-      "lr": records[0]["lr"],
-      "seeds": [r["seed"] for r in records],
-      "final_val_loss": mean_std(finals),
-      "final_val_bpc": mean_std([v / math.log(2) for v in finals]),
-      "best_val_loss": mean_std([r["best_val_loss"] for r in records]),
-      "final_minus_adamw": mean_std(paired) if paired else None,
-      "final_minus_adamw_ci95": confidence_interval_95(paired) if paired else None,
-      "ms_per_step": mean_std([r["ms_per_step"] for r in records]),
-      "reached_target": len(hits),
-      "steps_to_target": mean_std([h[0] for h in hits]) if hits else None,
-      "seconds_to_target": mean_std([h[1] for h in hits]) if hits else None,
-  }
-  if all("kept_energy_mean" in r for r in records):
-    summary["kept_energy_mean"] = mean_std([r["kept_energy_mean"] for r in records])
-    summary["blend_mean"] = mean_std([r["blend_mean"] for r in records])
-  return summary
-
-
-def _pm(pair, digits: int = 4) -> str:
-  if pair is None:
-    return "n/a"
-  return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-
-def _paired(group: dict) -> str:
-  text = _pm(group["final_minus_adamw"])
-  interval = group["final_minus_adamw_ci95"]
-  if interval is not None and group["final_minus_adamw"][1] > 0:
-    text += f" [{interval[0]:+.4f}, {interval[1]:+.4f}]"
-  return text
-
-
-def markdown_table(groups: list[dict], target: float, num_seeds: int) -> str:
-  """Returns the study's Markdown table, one row per variant."""
-  lines = [
-      f"| variant | peak lr | final val loss | final val bpc | best val loss | "
-      f"final − AdamW (paired) | steps to {target:.3f} | seconds to {target:.3f} | ms/step |",
-      "|---|---|---|---|---|---|---|---|---|",
-  ]
-  for group in groups:
-    variant = Variant(**group["variant"])
-    reached = f"{group['reached_target']}/{len(group['seeds'])}"
-    steps = "not reached" if group["steps_to_target"] is None else _pm(group["steps_to_target"], 0)
-    seconds = "" if group["seconds_to_target"] is None else _pm(group["seconds_to_target"], 1)
-    lines.append(
-        f"| {variant.describe()} | {group['lr']:g} | {_pm(group['final_val_loss'])} | "
-        f"{_pm(group['final_val_bpc'], 3)} | {_pm(group['best_val_loss'])} | "
-        f"{_paired(group)} | {steps} ({reached}) | {seconds} | "
-        f"{_pm(group['ms_per_step'], 1)} |"
-    )
-  lines.append("")
-  lines.append(
-      f"Mean ± sample standard deviation over {num_seeds} seeds. \"final − AdamW\" is each "
-      "seed's final val loss minus tuned AdamW's at the same seed (same initial weights and "
-      "batches), with the t-based 95% confidence interval of its mean in brackets; below 0 "
-      "favours the row. Steps and seconds to the target are interpolated "
-      "between evaluations and averaged over the seeds that reached it (count in brackets); "
-      "seconds count training steps only, compile excluded."
-  )
-  return "\n".join(lines)
-
-
-def plot_curves(groups: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
-  """Plots the mean val-loss curve of each variant with a band of ± one standard deviation."""
-  import common  # pylint: disable=import-outside-toplevel
-
-  plt = common.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for records in groups.values():
-    # A diverged run stops early, so the curves are cut to the shortest one.
-    length = min(len(r["curve"]) for r in records)
-    curves = np.array([r["curve"][:length] for r in records], dtype=np.float64)
-    steps, vals = curves[0, :, 0], curves[:, :, 1]
-    secs = curves[:, :, 2].mean(axis=0)
-    mean = vals.mean(axis=0)
-    std = vals.std(axis=0, ddof=1) if len(records) > 1 else np.zeros_like(mean)
-    label = f"{Variant(**records[0]['variant']).describe()}, lr {records[0]['lr']:g}"
-    for axis, x in zip(axes, (steps, secs)):
-      (line,) = axis.plot(x[1:], mean[1:], label=label)
-      axis.fill_between(x[1:], (mean - std)[1:], (mean + std)[1:], color=line.get_color(), alpha=0.2)
-  axes[0].set_xlabel("step")
-  axes[1].set_xlabel("training seconds (compile excluded)")
-  for axis in axes:
-    axis.set_ylabel("val loss (nats/char)")
-    axis.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
-  fig.suptitle(title, fontsize=10)
-  common.save_figure(fig, path)
-
-
-def plot_sweep(sweeps: dict[str, list[dict]], path: pathlib.Path) -> None:
-  import common  # pylint: disable=import-outside-toplevel
-
-  plt = common.pyplot()
-  fig, axis = plt.subplots(figsize=(5.5, 4))
-  for name, records in sweeps.items():
-    rates = [r["lr"] for r in records]
-    axis.plot(rates, [r["final_val_loss"] for r in records], marker="o", label=name)
-  axis.set_xscale("log")
-  axis.set_xlabel("peak learning rate")
-  axis.set_ylabel("final val loss, seed 0 (nats/char)")
-  axis.grid(alpha=0.3)
-  axis.legend()
-  common.save_figure(fig, path)
+  return StudyRuns(best_rate, sweeps, tuned, same_rate, ablation_runs)
 
 
 def main(argv: list[str] | None = None) -> dict:
+  """Runs the study from the command line and returns the content of study.json."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
   parser.add_argument(
       "--quick", action="store_true", help="short runs, fewer seeds and ablations (< 15 min on 2 cores)"
@@ -624,68 +523,39 @@ def main(argv: list[str] | None = None) -> dict:
       flush=True,
   )
 
-  # Stage 1 and 2: tune each baseline's rate, then run every seed at it.
-  best_rate, sweeps, tuned = {}, {}, {}
-  for variant in (ADAMW, SMI):
-    best_rate[variant.name], sweeps[variant.name] = study.sweep(variant)
-    print(f"{variant.name}: best peak rate {best_rate[variant.name]:g}", flush=True)
-    tuned[variant.name] = [
-        study.run(variant, best_rate[variant.name], seed, need_params=True) for seed in settings.seeds
-    ]
-
-  # AdamW at SMI's rate as well, so that SMI is also compared at an equal rate.
-  same_rate = {}
-  if best_rate["adamw"] != best_rate["smi"]:
-    same_rate["adamw_at_smi_rate"] = [
-        study.run(ADAMW, best_rate["smi"], seed) for seed in settings.seeds
-    ]
-
-  # Stage 3: the SMI ablations run at SMI's rate. The Grokfast baseline runs
-  # at whichever of the two tuned rates gives it the lower final val loss on
-  # the first seed.
-  ablation_runs = {}
-  for variant in ablations(settings):
-    rate = best_rate["smi"]
-    if variant.kind == "grokfast":
-      candidates = sorted(set(best_rate.values()))
-      trials = {lr: study.run(variant, lr, settings.seeds[0]) for lr in candidates}
-      rate = min(candidates, key=lambda lr: _final_or_inf(trials[lr]))
-      best_rate["grokfast"] = rate
-      sweeps["grokfast"] = [trials[lr] for lr in candidates]
-    ablation_runs[variant.name] = [study.run(variant, rate, seed) for seed in settings.seeds]
+  runs = run_stages(study, settings)
+  best_rate, sweeps, tuned = runs.best_rate, runs.sweeps, runs.tuned
+  same_rate, ablation_runs = runs.same_rate, runs.ablation_runs
 
   baseline = {r["seed"]: r for r in tuned["adamw"]}
-  target = round(mean_std([r["final_val_loss"] for r in tuned["adamw"]])[0] + settings.target_margin, 3)
+  target = round(report.mean_std([r["final_val_loss"] for r in tuned["adamw"]])[0] + settings.target_margin, 3)
   all_groups = {**tuned, **same_rate, **ablation_runs}
-  groups = [summarize_group(records, baseline, target) for records in all_groups.values()]
+  groups = [report.summarize_group(records, baseline, target) for records in all_groups.values()]
   equal_rate_baseline = {r["seed"]: r for r in same_rate.get("adamw_at_smi_rate", tuned["adamw"])}
   smi_minus_equal_rate = [
       r["final_val_loss"] - equal_rate_baseline[r["seed"]]["final_val_loss"] for r in tuned["smi"]
   ]
-  table = markdown_table(groups, target, len(settings.seeds))
+  table = report.markdown_table(groups, target, len(settings.seeds), describe_variant)
   if len(smi_minus_equal_rate) > 1:
-    interval = confidence_interval_95(smi_minus_equal_rate)
+    interval = report.confidence_interval_95(smi_minus_equal_rate)
     table += (
         f"\n\nTuned SMI-AdamW minus AdamW at SMI's rate {best_rate['smi']:g}, same seed: "
-        f"{_pm(mean_std(smi_minus_equal_rate))} [{interval[0]:+.4f}, {interval[1]:+.4f}] nats/char."
+        f"{report.format_mean_std(report.mean_std(smi_minus_equal_rate))} [{interval[0]:+.4f}, {interval[1]:+.4f}] nats/char."
     )
-  sweep_lines = ["| optimizer | peak lr | final val loss (seed 0) |", "|---|---|---|"]
-  for name, records in sweeps.items():
-    for r in records:
-      mark = " (best)" if r["lr"] == best_rate[name] else ""
-      sweep_lines.append(f"| {name} | {r['lr']:g}{mark} | {r['final_val_loss']:.4f} |")
 
-  plot_curves(
+  report.plot_curves(
       {**tuned, **same_rate},
       out_dir / "curves.png",
       "AdamW and SMI-AdamW at their tuned rates, mean ± 1 std over seeds",
+      describe_variant,
   )
-  plot_curves(
+  report.plot_curves(
       {"smi": tuned["smi"], **ablation_runs},
       out_dir / "ablations.png",
       f"SMI ablations at lr {best_rate['smi']:g}, mean ± 1 std over seeds",
+      describe_variant,
   )
-  plot_sweep(sweeps, out_dir / "sweep.png")
+  report.plot_sweep(sweeps, out_dir / "sweep.png")
 
   payload = {
       "mode": "quick" if args.quick else "full",
@@ -696,8 +566,8 @@ def main(argv: list[str] | None = None) -> dict:
       "target_val_loss": target,
       # Tuned SMI's final val loss minus AdamW's at the same seed and SMI's rate.
       "smi_minus_adamw_equal_rate": {
-          "mean_std": mean_std(smi_minus_equal_rate),
-          "ci95": confidence_interval_95(smi_minus_equal_rate),
+          "mean_std": report.mean_std(smi_minus_equal_rate),
+          "ci95": report.confidence_interval_95(smi_minus_equal_rate),
       },
       "sweep": {name: [[r["lr"], r["final_val_loss"]] for r in records] for name, records in sweeps.items()},
       "groups": {name: group for name, group in zip(all_groups, groups)},
@@ -717,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
           [
               f"# Character-level study ({payload['mode']} mode)",
               "Command: `python " + " ".join(sys.argv) + "`",
-              "## Learning-rate sweep\n\n" + "\n".join(sweep_lines),
+              "## Learning-rate sweep\n\n" + report.sweep_table(sweeps, best_rate),
               "## Tuned baselines and ablations\n\n" + table,
               "## Inference\n\n" + inference_md,
           ]

@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / 'benchmarks'))
 
 import charlm_inference  # noqa: E402
+import charlm_report  # noqa: E402
 import charlm_study  # noqa: E402
 
 # A study small enough to train in seconds: 4 steps of a 1-layer, 16-wide model.
@@ -54,22 +55,22 @@ def test_grokfast_ema_matches_numpy():
 
 def test_time_to_target_interpolates():
   curve = [(0, 4.0, 0.0), (10, 3.0, 1.0), (20, 2.0, 3.0)]
-  assert charlm_study.time_to_target(curve, 2.5) == pytest.approx((15.0, 2.0))
-  assert charlm_study.time_to_target(curve, 3.0) == pytest.approx((10.0, 1.0))
-  assert charlm_study.time_to_target(curve, 1.9) is None
+  assert charlm_report.time_to_target(curve, 2.5) == pytest.approx((15.0, 2.0))
+  assert charlm_report.time_to_target(curve, 3.0) == pytest.approx((10.0, 1.0))
+  assert charlm_report.time_to_target(curve, 1.9) is None
 
 
 def test_mean_std_uses_sample_deviation():
-  assert charlm_study.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-  assert charlm_study.mean_std([5.0]) == (5.0, 0.0)
+  assert charlm_report.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+  assert charlm_report.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_confidence_interval_uses_t_quantile():
   # Mean 2, sample std 1, n = 3: half width t(0.975, 2) / sqrt(3) = 4.303 / 1.732.
-  low, high = charlm_study.confidence_interval_95([1.0, 2.0, 3.0])
+  low, high = charlm_report.confidence_interval_95([1.0, 2.0, 3.0])
   assert low == pytest.approx(2.0 - 4.303 / math.sqrt(3))
   assert high == pytest.approx(2.0 + 4.303 / math.sqrt(3))
-  assert charlm_study.confidence_interval_95([1.0]) is None
+  assert charlm_report.confidence_interval_95([1.0]) is None
 
 
 def _fake_train(losses_by_lr):
