@@ -8,10 +8,11 @@ Run from the repository root after `pip install -e '.[example]'`::
 The model, corpus, schedule shape, clipping, Adam betas and weight decay are
 the example's defaults (examples/char_lm). The study has four stages:
 
-1. A learning-rate sweep on seed 0 for AdamW and for SMI-AdamW. When the best
-   rate is at an end of the grid, the grid grows by one rate at that end (at
-   most twice), so neither optimizer is tuned on a grid that cuts off its
-   optimum. The schedule decays to a tenth of the peak rate.
+1. A learning-rate sweep on seed 0 for AdamW and for SMI-AdamW. In the full
+   study, when the best rate is at an end of the grid, the grid grows by one
+   rate at that end (at most twice), so neither optimizer is tuned on a grid
+   that cuts off its optimum. The quick mode keeps its 3 rates. The schedule
+   decays to a tenth of the peak rate.
 2. More seeds of both at their own best rate.
 3. Ablations of SMI at its best rate, over the same seeds: no spectral
    momentum (beta=0), a blend schedule, the adaptive blend and other
@@ -314,15 +315,30 @@ class Study:
     return float(np.mean(losses))
 
   def load(self, key: str) -> dict | None:
-    """Returns the record of run `key` if it is on file for these settings."""
+    """Returns the record of run `key` if it is on file for these settings.
+
+    A file that is not valid JSON, or that was made with other settings, is
+    renamed with the suffix .invalid or .other-settings (so nothing is lost)
+    and None is returned, so that the run trains again.
+    """
     path = self.runs_dir / f"{key}.json"
     if not path.exists():
       return None
-    record = json.loads(path.read_text())
+    try:
+      record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+      self._set_aside(path, "invalid", f"is not valid JSON ({error})")
+      return None
     if record.get("settings") != json.loads(json.dumps(dataclasses.asdict(self.settings))):
-      print(f"{path} was made with other settings; training it again", flush=True)
+      self._set_aside(path, "other-settings", "was made with other study settings")
       return None
     return record
+
+  @staticmethod
+  def _set_aside(path: pathlib.Path, suffix: str, reason: str) -> None:
+    kept = path.with_name(f"{path.name}.{suffix}")
+    os.replace(path, kept)
+    print(f"{path} {reason}; moved it to {kept.name} and training the run again", flush=True)
 
   def params_path(self, key: str) -> pathlib.Path:
     return self.params_dir / f"{key}.npz"
@@ -336,10 +352,19 @@ class Study:
       return unflatten_params(dict(arrays), self.model(seed)[1])
 
   def run(self, variant: Variant, lr: float, seed: int, need_params: bool = False) -> dict:
-    """Trains `variant` at `lr` and `seed`, or returns its record from file."""
+    """Trains `variant` at `lr` and `seed`, or returns its record from file.
+
+    With `need_params`, a run whose record is on file but whose final weights
+    are not (as in a fresh clone, which has the records only) trains again to
+    save its weights; the record on file is kept.
+    """
     key = run_key(variant, lr, seed)
     record = self.load(key)
     if record is not None and (not need_params or self.params_path(key).exists()):
+      return record
+    if record is not None:
+      print(f"{key}: training again for its final weights, keeping its record", flush=True)
+      self._train_run(key, variant, lr, seed)
       return record
     record = self._train_run(key, variant, lr, seed)
     write_atomic(self.runs_dir / f"{key}.json", json.dumps(record, indent=1) + "\n")
@@ -482,6 +507,14 @@ def run_stages(study: Study, settings: Settings) -> StudyRuns:
   return StudyRuns(best_rate, sweeps, tuned, same_rate, ablation_runs)
 
 
+def _machine_line(machine: dict) -> str:
+  return (
+      f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), {machine['platform']}, "
+      f"Python {machine['python']}, JAX {machine['jax']} on {machine['backend']} "
+      f"({machine['device_count']} x {machine['device']})."
+  )
+
+
 def main(argv: list[str] | None = None) -> dict:
   """Runs the study from the command line and returns the content of study.json."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
@@ -509,9 +542,13 @@ def main(argv: list[str] | None = None) -> dict:
       args.out or (REPO_ROOT / "runs" / "charlm_study_quick" if args.quick else BENCHMARKS_DIR / "results" / "charlm_study")
   )
   params_dir = pathlib.Path(args.params_dir or REPO_ROOT / "runs" / f"charlm_study{suffix}_params")
-  for path in (out_dir, params_dir):
+  for flag, path in (("--out", out_dir), ("--params-dir", params_dir)):
     if path.exists() and not path.is_dir():
-      parser.error(f"{path} exists and is not a directory; pick another path")
+      parser.error(f"{flag} {path} exists and is not a directory; pick another path")
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+      parser.error(f"{flag} {path}: cannot create the directory: {error.strerror or error}")
 
   import common  # pylint: disable=import-outside-toplevel
 
@@ -587,6 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
           [
               f"# Character-level study ({payload['mode']} mode)",
               "Command: `python " + " ".join(sys.argv) + "`",
+              _machine_line(common.machine()),
               "## Learning-rate sweep\n\n" + report.sweep_table(sweeps, best_rate),
               "## Tuned baselines and ablations\n\n" + table,
               "## Inference\n\n" + inference_md,

@@ -16,12 +16,24 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def cpu_model() -> str:
+  """Returns the CPU model name from /proc/cpuinfo, or platform.processor() where it is missing."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
   """Describes the machine and software a benchmark ran on."""
   device = jax.devices()[0]
   return {
       "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+      "processor": cpu_model(),
       "cpu_count": os.cpu_count(),
       "python": sys.version.split()[0],
       "jax": jax.__version__,

@@ -336,6 +336,7 @@ BAD_INPUT_CASES = {
         ['--text', '{dir}/play.txt', '--resume', '{dir}/texts'],
         'no complete checkpoint in',
     ),
+    'out is a file': (['--text', '{dir}/play.txt', '--out', '{dir}/plain-file'], 'exists and is not a directory'),
     'out under a file': (
         ['--text', '{dir}/play.txt', '--out', '{dir}/plain-file/run'],
         'cannot create or write',

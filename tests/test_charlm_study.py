@@ -78,6 +78,7 @@ def _fake_train(losses_by_lr):
 
   def train_run(self, key, variant, lr, seed):
     calls.append((variant.name, lr, seed))
+    np.savez(self.params_path(key))  # stands for the weights that a real run saves
     return {
         'key': key,
         'variant': dataclasses.asdict(variant),
@@ -166,3 +167,35 @@ def test_tiny_study_writes_and_resumes(tmp_path, monkeypatch):
   (out / 'runs' / f'{lost_key}.json').unlink()
   charlm_study.main(argv + ['--skip-inference'])
   assert calls == [(ablation.name, payload['best_rate']['smi'], TINY.seeds[1])]
+
+  # A tuned run whose weights are missing trains again for them and keeps its record.
+  tuned_key = charlm_study.run_key(charlm_study.ADAMW, payload['best_rate']['adamw'], TINY.seeds[0])
+  record_text = (out / 'runs' / f'{tuned_key}.json').read_text()
+  (params / f'{tuned_key}.npz').unlink()
+  calls.clear()
+  charlm_study.main(argv + ['--skip-inference'])
+  assert calls == [('adamw', payload['best_rate']['adamw'], TINY.seeds[0])]
+  assert (out / 'runs' / f'{tuned_key}.json').read_text() == record_text
+
+  # A run file that is not valid JSON is set aside, not overwritten, and the run trains again.
+  broken = out / 'runs' / f'{lost_key}.json'
+  broken.write_text('{"truncated": ')
+  calls.clear()
+  charlm_study.main(argv + ['--skip-inference'])
+  assert calls == [(ablation.name, payload['best_rate']['smi'], TINY.seeds[1])]
+  assert (out / 'runs' / f'{lost_key}.json.invalid').read_text() == '{"truncated": '
+
+
+@pytest.mark.parametrize('flag', ['--out', '--params-dir'])
+def test_study_rejects_paths_under_a_file(tmp_path, capsys, flag):
+  (tmp_path / 'file').write_text('x')
+  argv = ['--quick', '--out', str(tmp_path / 'out'), '--params-dir', str(tmp_path / 'params')]
+  argv += [flag, str(tmp_path / 'file')]
+  with pytest.raises(SystemExit) as raised:
+    charlm_study.main(argv)
+  assert raised.value.code == 2
+  assert f'{flag} {tmp_path / "file"} exists and is not a directory' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    charlm_study.main(argv[:-1] + [str(tmp_path / 'file' / 'sub')])
+  assert 'cannot create the directory' in capsys.readouterr().err
+

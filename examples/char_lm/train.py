@@ -72,6 +72,8 @@ def prepare_output_dir(out: str) -> Path:
     ValueError: the directory cannot be created or written.
   """
   path = Path(out).expanduser().resolve()
+  if path.exists() and not path.is_dir():
+    raise ValueError(f'--out {out} exists and is not a directory; pick another path')
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
