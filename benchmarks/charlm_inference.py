@@ -90,16 +90,8 @@ def truncate(params, keep: float):
 
 
 def val_loss(study, params, seed: int) -> float:
-  """Val loss over `final_iters` batches fixed by the seed, the same for every model."""
-  import data as data_lib  # pylint: disable=import-outside-toplevel
-
-  rng = np.random.default_rng([seed, 3])
-  base = study.base
-  losses = []
-  for _ in range(study.settings.final_iters):
-    x, y = data_lib.sample_batch(study.corpus.val, base.batch_size, base.block_size, rng)
-    losses.append(float(study.eval_loss(params, x, y)))
-  return float(np.mean(losses))
+  """Returns the val loss over `final_iters` batches fixed by the seed, the same for every model."""
+  return study.mean_val_loss(params, [seed, 3], study.settings.final_iters)
 
 
 def generation_rates(study, models: dict[str, object], seed: int) -> dict[str, list[float]]:

@@ -182,23 +182,17 @@ def grokfast_ema(alpha: float = GROKFAST_ALPHA, lamb: float = GROKFAST_LAMB):
 
 
 def make_optimizer(variant: Variant, lr: float, steps: int, base: config_lib.Config):
-  """Builds `variant` at peak rate `lr` with the example's schedule shape, clipping and decay."""
-  import jax  # pylint: disable=import-outside-toplevel
+  """Builds `variant` at peak rate `lr` with the example's schedule shape, clipping and decay.
+
+  The schedule decays to `lr / 10` over `steps`.
+  """
   import optax  # pylint: disable=import-outside-toplevel
 
   import smi_optax  # pylint: disable=import-outside-toplevel
+  import train  # pylint: disable=import-outside-toplevel
 
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=lr,
-      warmup_steps=base.warmup_steps,
-      decay_steps=steps,
-      end_value=lr / 10,
-  )
-
-  def decay_mask(params):
-    return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
-
+  schedule = train.make_schedule(dataclasses.replace(base, lr=lr, min_lr=lr / 10, steps=steps))
+  decay_mask = train.decay_mask
   adam_options = dict(b1=base.b1, b2=base.b2, weight_decay=base.weight_decay)
   if variant.kind == "smi":
     blend = variant.blend
@@ -305,14 +299,22 @@ class Study:
   def config(self, seed: int) -> config_lib.Config:
     return dataclasses.replace(self.base, seed=seed)
 
-  def curve_val_loss(self, params, seed: int, step: int) -> float:
-    """Mean val loss over `curve_iters` batches that depend on the seed and step only."""
-    rng = np.random.default_rng([seed, 2, step])
+  def mean_val_loss(self, params, rng_seed: list[int], num_batches: int) -> float:
+    """Returns the mean val loss over `num_batches` batches drawn with `rng_seed`.
+
+    The batches depend on `rng_seed` only, so every model evaluated with the
+    same seed sees the same batches.
+    """
+    rng = np.random.default_rng(rng_seed)
     losses = []
-    for _ in range(self.settings.curve_iters):
+    for _ in range(num_batches):
       x, y = data_lib.sample_batch(self.corpus.val, self.base.batch_size, self.base.block_size, rng)
       losses.append(float(self.eval_loss(params, x, y)))
     return float(np.mean(losses))
+
+  def curve_val_loss(self, params, seed: int, step: int) -> float:
+    """Returns the val loss of a loss-curve point: `curve_iters` batches fixed by seed and step."""
+    return self.mean_val_loss(params, [seed, 2, step], self.settings.curve_iters)
 
   def load(self, key: str) -> dict | None:
     """Returns the record of run `key` if it is on file for these settings.
@@ -355,8 +357,8 @@ class Study:
     """Trains `variant` at `lr` and `seed`, or returns its record from file.
 
     With `need_params`, a run whose record is on file but whose final weights
-    are not (as in a fresh clone, which has the records only) trains again to
-    save its weights; the record on file is kept.
+    are not trains again to save its weights, and the record on file is kept.
+    A fresh clone is such a case, because it has the records only.
     """
     key = run_key(variant, lr, seed)
     record = self.load(key)

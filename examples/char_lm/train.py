@@ -113,6 +113,26 @@ def make_mesh(num_devices: int):
   return jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ('data',))
 
 
+def make_schedule(config: config_lib.Config):
+  """Return the learning-rate schedule: linear warm-up to `config.lr`, then cosine decay to `config.min_lr`."""
+  import optax
+
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=config.lr,
+      warmup_steps=config.warmup_steps,
+      decay_steps=config.steps,
+      end_value=config.min_lr,
+  )
+
+
+def decay_mask(params):
+  """Return True for the leaves that get weight decay: those with 2 or more dimensions."""
+  import jax
+
+  return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+
+
 def make_optimizer(name: str, config: config_lib.Config, mesh=None):
   """Build the optimizer `name` ('smi' or 'adamw') with the shared schedule and clipping.
 
@@ -126,16 +146,7 @@ def make_optimizer(name: str, config: config_lib.Config, mesh=None):
   import smi_optax
   from jax.sharding import PartitionSpec
 
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=config.lr,
-      warmup_steps=config.warmup_steps,
-      decay_steps=config.steps,
-      end_value=config.min_lr,
-  )
-
-  def decay_mask(params):
-    return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
+  schedule = make_schedule(config)
 
   if name == 'smi':
     optimizer = smi_optax.smi_adamw(
