@@ -255,7 +255,6 @@ class Study:
   """Trains and records the runs of one study; skips runs already on file."""
 
   def __init__(self, settings: Settings, out_dir: pathlib.Path, params_dir: pathlib.Path):
-    import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     import model as model_lib  # pylint: disable=import-outside-toplevel
@@ -274,7 +273,6 @@ class Study:
     self._models = {}  # seed -> (graphdef, init_params)
     self._model_lib = model_lib
     self._nnx = nnx
-    self._jax = jax
     self.eval_loss = None
 
   def model(self, seed: int):
@@ -295,6 +293,12 @@ class Study:
       if self.eval_loss is None:
         self.eval_loss = self._train.make_eval_loss(graphdef)
     return self._models[seed]
+
+  def num_params(self) -> int:
+    """Returns the number of parameters of the example's model."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(self.model(0)[1])))
 
   def config(self, seed: int) -> config_lib.Config:
     return dataclasses.replace(self.base, seed=seed)
@@ -600,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
       "mode": "quick" if args.quick else "full",
       "settings": dataclasses.asdict(settings),
       "base_config": dataclasses.asdict(study.base),
-      "num_params": int(sum(np.size(leaf) for leaf in study._jax.tree.leaves(study.model(0)[1]))),
+      "num_params": study.num_params(),
       "best_rate": best_rate,
       "target_val_loss": target,
       # Tuned SMI's final val loss minus AdamW's at the same seed and SMI's rate.
