@@ -307,7 +307,7 @@ class Study:
     """Returns the mean val loss over `num_batches` batches drawn with `rng_seed`.
 
     The batches depend on `rng_seed` only, so every model evaluated with the
-    same seed sees the same batches.
+    same seed is evaluated on the same batches.
     """
     rng = np.random.default_rng(rng_seed)
     losses = []

@@ -185,6 +185,16 @@ def test_tiny_study_writes_and_resumes(tmp_path, monkeypatch):
   assert calls == [(ablation.name, payload['best_rate']['smi'], TINY.seeds[1])]
   assert (out / 'runs' / f'{lost_key}.json.invalid').read_text() == '{"truncated": '
 
+  # A run file made with other study settings is set aside too.
+  record = json.loads(broken.read_text())
+  record['settings']['steps'] += 1
+  broken.write_text(json.dumps(record))
+  calls.clear()
+  charlm_study.main(argv + ['--skip-inference'])
+  assert calls == [(ablation.name, payload['best_rate']['smi'], TINY.seeds[1])]
+  kept = json.loads((out / 'runs' / f'{lost_key}.json.other-settings').read_text())
+  assert kept['settings']['steps'] == TINY.steps + 1
+
 
 @pytest.mark.parametrize('flag', ['--out', '--params-dir'])
 def test_study_rejects_paths_under_a_file(tmp_path, capsys, flag):
